@@ -1,0 +1,1 @@
+"""BDN-style weight mirroring and hydration. Implemented by a later issue."""

@@ -1,0 +1,239 @@
+"""The `bisllm` command line: validate, migrate, package and push BIS-LLM configs."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from bisllm_truss import __version__
+from bisllm_truss.migrate import MigrationError, migrate_text
+from bisllm_truss.package import OutputDirError, PackageOptions, render_package, write_tree
+from bisllm_truss.package.render import TARGETS, PackageError
+from bisllm_truss.push import PushError, push
+from bisllm_truss.spec import DeploymentSpec
+from bisllm_truss.validate import ValidationResult, validate_file, validate_text
+
+config_argument = click.argument(
+    "config", type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+
+
+def _fail(message: str) -> None:
+    click.secho(f"error: {message}", fg="red", err=True)
+    sys.exit(1)
+
+
+def _report_invalid(result: ValidationResult) -> None:
+    for issue in result.issues:
+        click.echo(str(issue), err=True)
+    noun = "error" if len(result.issues) == 1 else "errors"
+    _fail(f"{result.filename}: {len(result.issues)} {noun}")
+
+
+def _load_spec(config: Path) -> tuple[DeploymentSpec, str]:
+    result = validate_file(config)
+    if not result.ok or result.spec is None:
+        _report_invalid(result)
+    assert result.spec is not None
+    return result.spec, result.source_text
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bisllm")
+def main() -> None:
+    """Validate, migrate and package BIS-LLM-compatible configs for self-hosting or truss push."""
+
+
+@main.command()
+@config_argument
+def validate(config: Path) -> None:
+    """Check CONFIG; print every error with its line and column, or OK."""
+    result = validate_file(config)
+    if not result.ok:
+        _report_invalid(result)
+    spec = result.spec
+    assert spec is not None
+    gpus = (
+        f"{spec.hardware.accelerator}:{spec.hardware.gpus_per_node}"
+        if spec.hardware.accelerator
+        else "CPU"
+    )
+    click.echo(
+        f"OK: {config} — {spec.model_name} on {gpus}, tensor_parallel_size {spec.parallel.tensor_parallel_size}"
+    )
+
+
+@main.command()
+@config_argument
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the v2 config here (default: rewrite CONFIG, keeping CONFIG.bak).",
+)
+@click.option("--dry-run", is_flag=True, help="Only print the diff.")
+@click.option(
+    "--tokens-per-request",
+    type=click.IntRange(min=1),
+    default=5000,
+    show_default=True,
+    help="Average input+output tokens per request, to turn concurrency_target into target_in_flight_tokens.",
+)
+def migrate(config: Path, output: Path | None, dry_run: bool, tokens_per_request: int) -> None:
+    """Migrate a v1 (Engine-Builder-LLM) CONFIG to the v2 inference stack (BIS-LLM)."""
+    original = config.read_text(encoding="utf-8")
+    try:
+        migration = migrate_text(original, tokens_per_request=tokens_per_request)
+    except MigrationError as exc:
+        _fail(f"{config}: {exc}")
+    if not migration.changed:
+        click.echo(f"{config} already uses inference_stack v2; nothing to migrate.")
+        return
+    click.echo(migration.diff(f"a/{config.name}", f"b/{(output or config).name}"), nl=False)
+    for warning in migration.warnings:
+        click.secho(f"warning: {warning}", fg="yellow", err=True)
+    result = validate_text(migration.migrated, filename=str(output or config))
+    if not result.ok:
+        click.secho("The migrated config still needs manual changes:", fg="yellow", err=True)
+        for issue in result.issues:
+            click.echo(f"  {issue}", err=True)
+    if dry_run:
+        return
+    if output is None:
+        backup = config.with_name(config.name + ".bak")
+        backup.write_text(original, encoding="utf-8")
+        click.echo(f"Saved the original as {backup}", err=True)
+        output = config
+    output.write_text(migration.migrated, encoding="utf-8")
+    click.echo(f"Wrote {output}", err=True)
+    if not result.ok:
+        sys.exit(1)
+
+
+def _targets(value: str) -> tuple[str, ...]:
+    targets = tuple(t.strip() for t in value.split(",") if t.strip())
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown or not targets:
+        _fail(f"expected a comma-separated subset of {', '.join(TARGETS)}, got {value!r}")
+    return targets
+
+
+force_option = click.option(
+    "--force",
+    is_flag=True,
+    help="Replace an output directory written by an earlier `bisllm package`.",
+)
+image_options = [
+    click.option(
+        "--image-repository",
+        default=PackageOptions.image_repository,
+        show_default=True,
+        help="Registry path of the runtime image (tag: version_overrides.v2_llm_version or the plugin version).",
+    ),
+    click.option(
+        "--prometheus-address",
+        default=PackageOptions.prometheus_address,
+        show_default=True,
+        help="Prometheus that KEDA queries for in-flight tokens.",
+    ),
+]
+
+
+def _with_image_options(function):  # type: ignore[no-untyped-def]
+    for option in reversed(image_options):
+        function = option(function)
+    return function
+
+
+def _package(
+    config: Path,
+    output: Path,
+    force: bool,
+    targets: str,
+    image_repository: str,
+    prometheus_address: str,
+) -> Path:
+    spec, source_text = _load_spec(config)
+    options = PackageOptions(
+        targets=_targets(targets),
+        image_repository=image_repository,
+        prometheus_address=prometheus_address,
+    )
+    try:
+        files = render_package(spec, source_text, options)
+        return write_tree(files, output, force=force, protected=[config])
+    except (PackageError, OutputDirError) as exc:
+        _fail(str(exc))
+        raise  # unreachable: _fail exits
+
+
+@main.command()
+@config_argument
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), help="Output directory."
+)
+@force_option
+@click.option(
+    "--target",
+    "targets",
+    default=",".join(TARGETS),
+    show_default=True,
+    help="Comma-separated outputs to render.",
+)
+@_with_image_options
+def package(
+    config: Path,
+    output: Path,
+    force: bool,
+    targets: str,
+    image_repository: str,
+    prometheus_address: str,
+) -> None:
+    """Render CONFIG into a truss dir, a Docker build context and Kubernetes manifests."""
+    target = _package(config, output, force, targets, image_repository, prometheus_address)
+    click.echo(f"Packaged {config} into {target}")
+    for name in ("truss", "docker", "k8s"):
+        if (target / name).is_dir():
+            click.echo(f"  {name}/")
+    if (target / "truss").is_dir():
+        click.echo(f"Next: truss push {target / 'truss'}")
+
+
+@main.command("push", context_settings={"ignore_unknown_options": True})
+@config_argument
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="Keep the package here (default: a temporary directory).",
+)
+@force_option
+@_with_image_options
+@click.argument("truss_args", nargs=-1, type=click.UNPROCESSED)
+def push_command(
+    config: Path,
+    output: Path | None,
+    force: bool,
+    image_repository: str,
+    prometheus_address: str,
+    truss_args: tuple[str, ...],
+) -> None:
+    """Package CONFIG, then `truss push` its truss dir (extra args go to truss push)."""
+    with tempfile.TemporaryDirectory(prefix="bisllm-push-") as scratch:
+        target = _package(
+            config,
+            output or Path(scratch) / "package",
+            force,
+            "truss",
+            image_repository,
+            prometheus_address,
+        )
+        try:
+            code = push(target / "truss", truss_args)
+        except PushError as exc:
+            _fail(str(exc))
+    if code:
+        _fail(f"truss push exited with status {code}")

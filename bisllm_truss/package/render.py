@@ -1,0 +1,248 @@
+"""Render the three package targets from a DeploymentSpec, entirely in memory."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bisllm_templates import TEMPLATE_ROOT
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+from bisllm_truss import __version__
+from bisllm_truss.package.outdir import MARKER
+from bisllm_truss.spec import DeploymentSpec
+
+TARGETS = ("truss", "docker", "k8s")
+SERVER_PORT = 8000  # 8080 belongs to Truss's proxy inside the container
+VENV = "/opt/bisllm"
+# CUDA runtime base, pinned by tag; torch comes from the matching PyTorch wheel index.
+BASE_IMAGE = "nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04"
+TORCH_VERSION = "2.13.0"
+TORCH_INDEX_URL = "https://download.pytorch.org/whl/cu128"
+DEFAULT_IMAGE_REPOSITORY = "ghcr.io/bisllm/bisllm-runtime"
+DEFAULT_PROMETHEUS = "http://prometheus-operated.monitoring.svc:9090"
+# Packages copied into the Docker context; together they are this distribution.
+SOURCE_PACKAGES = ("bisllm_truss", "bisllm_server", "bisllm_bdn", "bisllm_templates")
+# Weight-source schemes `truss push` can deliver (Truss's WeightsSource).
+TRUSS_SCHEMES = ("hf", "s3", "gs", "azure", "r2", "cw", "https")
+
+
+class PackageError(Exception):
+    """The spec cannot be packaged for a requested target; nothing was written."""
+
+
+@dataclass(frozen=True)
+class PackageOptions:
+    targets: tuple[str, ...] = TARGETS
+    image_repository: str = DEFAULT_IMAGE_REPOSITORY
+    prometheus_address: str = DEFAULT_PROMETHEUS
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _environment() -> Environment:
+    env = Environment(
+        loader=FileSystemLoader(str(TEMPLATE_ROOT)),
+        undefined=StrictUndefined,
+        keep_trailing_newline=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+    )
+    # JSON is valid YAML; emitting every value through it makes quoting correct by construction.
+    env.filters["json"] = lambda value: json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return env
+
+
+def k8s_name(text: str) -> str:
+    """A DNS-1123 label derived from `text` (Kubernetes object names)."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", text.lower()).strip("-")
+    return (slug or "bisllm")[:40].rstrip("-")
+
+
+def image_ref(spec: DeploymentSpec, options: PackageOptions) -> str:
+    return f"{options.image_repository}:{spec.runtime_image_tag or __version__}"
+
+
+def render_package(
+    spec: DeploymentSpec, source_text: str, options: PackageOptions | None = None
+) -> dict[str, bytes]:
+    """Every output file, keyed by its path relative to the output directory."""
+    options = options or PackageOptions()
+    unknown = sorted(set(options.targets) - set(TARGETS))
+    if unknown or not options.targets:
+        raise PackageError(f"unknown target(s) {unknown}; expected some of: {', '.join(TARGETS)}")
+    env = _environment()
+    files: dict[str, bytes] = {
+        MARKER: (
+            f"bisllm-truss {__version__}\nsource sha256 {spec.source_config_sha256}\n"
+            f"targets {' '.join(t for t in TARGETS if t in options.targets)}\n"
+        ).encode()
+    }
+    context = {
+        "spec": spec,
+        "plugin_version": __version__,
+        "image": image_ref(spec, options),
+        "server_port": SERVER_PORT,
+    }
+    if "truss" in options.targets:
+        files.update(_truss_dir(env, spec, source_text, context))
+    if "docker" in options.targets:
+        files.update(_docker_context(env, spec, source_text, context))
+    if "k8s" in options.targets:
+        files.update(_kubernetes(env, spec, source_text, options, context))
+    return files
+
+
+def _truss_dir(
+    env: Environment, spec: DeploymentSpec, source_text: str, context: dict[str, Any]
+) -> dict[str, bytes]:
+    for mount in spec.weights:
+        scheme = mount.source.partition("://")[0]
+        if scheme not in TRUSS_SCHEMES:
+            raise PackageError(
+                f"weights source '{mount.source}' uses {scheme}://, which truss push cannot "
+                f"deliver (expected one of {', '.join(s + '://' for s in TRUSS_SCHEMES)}); "
+                "package with --target docker,k8s for self-hosting instead"
+            )
+    config_path = "/app/data/bisllm/config.yaml"
+    environment = dict(spec.environment_variables)
+    environment["BISLLM_SPEC"] = "/app/data/bisllm/spec.json"
+    metadata = dict(spec.model_metadata)
+    metadata["bisllm"] = {
+        "plugin_version": __version__,
+        "source_config_sha256": spec.source_config_sha256,
+        "served_model_name": spec.served_model_name,
+        "autoscaling": spec.autoscaling.model_dump(mode="json"),
+    }
+    tags = list(metadata.get("tags", []))
+    if "openai-compatible" not in tags:
+        tags.append("openai-compatible")
+    metadata["tags"] = tags
+    config = env.get_template("truss/config.yaml.jinja").render(
+        **context,
+        truss_dir_hint="<out>/truss",
+        python_executable=f"{VENV}/bin/python",
+        start_command=f"bisllm serve {config_path} --host 0.0.0.0 --port {SERVER_PORT}",
+        predict_concurrency=max(256, spec.engine.max_batch_size * 2),
+        environment=environment,
+        model_metadata=metadata,
+    )
+    return {
+        "truss/config.yaml": config.encode(),
+        "truss/data/bisllm/config.yaml": source_text.encode(),
+        "truss/data/bisllm/spec.json": spec.to_json().encode(),
+    }
+
+
+def _dependencies() -> list[str]:
+    """This distribution's runtime requirements (extras excluded), for the image's install."""
+    requirements = importlib.metadata.requires("bisllm-truss") or []
+    return sorted(r for r in requirements if "extra ==" not in r)
+
+
+def _source_files() -> dict[str, bytes]:
+    files: dict[str, bytes] = {}
+    for package in SOURCE_PACKAGES:
+        root = Path(importlib.import_module(package).__file__ or "").parent
+        for path in sorted(root.rglob("*")):
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc":
+                files[f"docker/src/{package}/{path.relative_to(root).as_posix()}"] = (
+                    path.read_bytes()
+                )
+    return files
+
+
+def _docker_context(
+    env: Environment, spec: DeploymentSpec, source_text: str, context: dict[str, Any]
+) -> dict[str, bytes]:
+    dockerfile = env.get_template("docker/Dockerfile.jinja").render(
+        **context,
+        base_image=BASE_IMAGE,
+        venv=VENV,
+        torch_version=TORCH_VERSION,
+        torch_index_url=TORCH_INDEX_URL,
+    )
+    pyproject = env.get_template("docker/pyproject.toml.jinja").render(
+        **context, dependencies=_dependencies(), packages=[f"{p}*" for p in SOURCE_PACKAGES]
+    )
+    files = {
+        "docker/Dockerfile": dockerfile.encode(),
+        "docker/.dockerignore": env.get_template("docker/dockerignore.jinja").render().encode(),
+        "docker/src/pyproject.toml": pyproject.encode(),
+        "docker/bisllm/config.yaml": source_text.encode(),
+        "docker/bisllm/spec.json": spec.to_json().encode(),
+    }
+    files.update(_source_files())
+    return files
+
+
+def _scale_down_step(spec: DeploymentSpec) -> tuple[int, int]:
+    """(percent, period seconds) of the gradual scale-down policy handed to the HPA."""
+    scaling = spec.autoscaling
+    # The HPA accepts policy periods of 1 s to 30 min.
+    period = min(max(scaling.scale_down_delay, 15), 1800)
+    if scaling.scale_down_policy == "half_life":
+        assert scaling.scale_down_half_life_seconds is not None
+        # Removing this share every `period` halves the replica count once per half-life.
+        share = 1 - 0.5 ** (period / scaling.scale_down_half_life_seconds)
+        return max(1, math.ceil(share * 100)), period
+    assert scaling.max_scale_down_rate is not None
+    return max(1, math.ceil(scaling.max_scale_down_rate)), period
+
+
+def _kubernetes(
+    env: Environment,
+    spec: DeploymentSpec,
+    source_text: str,
+    options: PackageOptions,
+    context: dict[str, Any],
+) -> dict[str, bytes]:
+    if spec.hardware.node_count > 1:
+        raise PackageError(
+            "multi-node replicas (resources.node_count > 1) have no Kubernetes manifests yet; "
+            "package with --target truss,docker"
+        )
+    base = k8s_name(spec.model_name)
+    names = {
+        "workers": f"{base}-worker",
+        "router": f"{base}-router",
+        "config": f"{base}-config",
+        "secrets": f"{base}-secrets",
+    }
+    labels = {"app.kubernetes.io/name": base, "app.kubernetes.io/managed-by": "bisllm"}
+    worker_selector = {"app.kubernetes.io/name": base, "app.kubernetes.io/component": "worker"}
+    router_selector = {"app.kubernetes.io/name": base, "app.kubernetes.io/component": "router"}
+    env_list = [{"name": k, "value": v} for k, v in sorted(spec.environment_variables.items())]
+    env_list.append({"name": "BISLLM_SPEC", "value": "/etc/bisllm/spec.json"})
+    window = spec.autoscaling.autoscaling_window
+    percent, period = _scale_down_step(spec)
+    values = {
+        **context,
+        "names": names,
+        "labels": labels,
+        "worker_labels": {**labels, **worker_selector},
+        "worker_selector": worker_selector,
+        "router_labels": {**labels, **router_selector},
+        "router_selector": router_selector,
+        "env_list": env_list,
+        "source_config": source_text,
+        "spec_json": spec.to_json(),
+        "prometheus_address": options.prometheus_address,
+        # Sum over workers of each worker's in-flight tokens, averaged over the window.
+        "in_flight_query": (
+            f"sum(avg_over_time(bisllm_in_flight_tokens{{model_name={json.dumps(spec.model_name)}}}"
+            f"[{window}s]))"
+        ),
+        "scale_down_percent": percent,
+        "scale_down_period": period,
+    }
+    return {
+        f"k8s/{name}.yaml": env.get_template(f"k8s/{name}.yaml.jinja").render(**values).encode()
+        for name in ("configmap", "workers", "router", "keda-scaledobject")
+    }

@@ -1,0 +1,1 @@
+"""Serving runtime (engine workers, router, autoscaler, metrics). Implemented by later issues."""

@@ -1,0 +1,887 @@
+"""`bisllm package` and `bisllm push`, checked against the real consumers of their output.
+
+* Every example config is packaged (in process through click, and again as a real subprocess of
+  the installed `bisllm` script). The truss dir is loaded by Truss's own `TrussConfig` and turned
+  into a Docker build context by the real `truss image build-context`, offline.
+* The Kubernetes manifests pass `kubernetes_validate` (strict) and the KEDA ScaledObject passes
+  tests/schemas/keda-scaledobject-v1alpha1.json.
+* Packaging is deterministic, refusals write nothing, and `bisllm push` hands the truss dir to
+  whatever `truss` is on PATH.
+"""
+
+from __future__ import annotations
+
+import configparser
+import copy
+import hashlib
+import json
+import os
+import re
+import stat
+import subprocess
+import sysconfig
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+from truss.base.truss_config import TrussConfig
+
+from bisllm_truss.cli import main
+from bisllm_truss.package.outdir import MARKER
+from bisllm_truss.package.render import PackageOptions, image_ref
+from bisllm_truss.spec import DeploymentSpec
+from bisllm_truss.validate import validate_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = Path(sysconfig.get_path("scripts"))
+BISLLM = SCRIPTS / "bisllm"
+TRUSS = SCRIPTS / "truss"
+KEDA_SCHEMA = Path(__file__).resolve().parent / "schemas" / "keda-scaledobject-v1alpha1.json"
+KUBERNETES_VERSION = "1.37.0"
+
+# v1 configs must go through `bisllm migrate` before they can be packaged.
+EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.yaml") if not p.name.startswith("v1-"))
+EXAMPLE_IDS = [p.stem for p in EXAMPLES]
+
+SERVER_PORT = 8000
+CONFIG_IN_IMAGE = "/app/data/bisllm/config.yaml"
+START_COMMAND = f"bisllm serve {CONFIG_IN_IMAGE} --host 0.0.0.0 --port {SERVER_PORT}"
+# Truss's default .truss_ignore drops these, so shipped files must never live under them.
+IGNORED_BY_TRUSS = {"build", "dist", "lib", "lib64", "var", "__pycache__"}
+
+# The smallest config the refusal and push tests package.
+SMALL_CONFIG = """\
+model_name: tiny-moe
+resources:
+  accelerator: H100:2
+  use_gpu: true
+trt_llm:
+  inference_stack: v2
+  build:
+    checkpoint_repository:
+      source: HF
+      repo: Qwen/Qwen3-30B-A3B
+  runtime:
+    tensor_parallel_size: 2
+"""
+
+RUNNER = CliRunner()
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def tree(root: Path) -> dict[str, tuple[str, bytes | str | None, int]]:
+    """Everything under `root`: relative path → (kind, content, permission bits)."""
+    entries: dict[str, tuple[str, bytes | str | None, int]] = {}
+    for path in sorted(root.rglob("*")):
+        name = path.relative_to(root).as_posix()
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if path.is_symlink():
+            entries[name] = ("link", os.readlink(path), mode)
+        elif path.is_dir():
+            entries[name] = ("dir", None, mode)
+        else:
+            entries[name] = ("file", path.read_bytes(), mode)
+    return entries
+
+
+def snapshot(paths: list[Path]) -> dict[str, Any]:
+    """What `paths` hold now; `/` only by its top-level names (never walked)."""
+    state: dict[str, Any] = {}
+    for path in paths:
+        if path == Path(path.anchor):
+            state[str(path)] = sorted(os.listdir(path))
+        else:
+            state[str(path)] = tree(path) if path.exists() else None
+    return state
+
+
+def package(*args: str | Path, env: dict[str, str | None] | None = None) -> Result:
+    return RUNNER.invoke(main, ["package", *map(str, args)], env=env)
+
+
+def write_config(path: Path, text: str = SMALL_CONFIG) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def all_keys(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield key
+            yield from all_keys(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from all_keys(item)
+
+
+def k8s_documents(out: Path) -> list[dict[str, Any]]:
+    documents: list[dict[str, Any]] = []
+    for path in sorted((out / "k8s").glob("*.yaml")):
+        loaded = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+        assert loaded, f"{path.name} holds no Kubernetes object"
+        documents.extend(loaded)
+    return documents
+
+
+def only(documents: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    matches = [d for d in documents if d["kind"] == kind]
+    assert len(matches) == 1, f"expected one {kind}, got {len(matches)}"
+    return matches[0]
+
+
+def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def gpu_count(raw_accelerator: Any) -> int:
+    """GPUs per replica, read straight from the user's `resources.accelerator`."""
+    if isinstance(raw_accelerator, dict):
+        return int(raw_accelerator.get("count", 1))
+    _, _, count = str(raw_accelerator).partition(":")
+    return int(count) if count else 1
+
+
+def keda_validator() -> jsonschema.protocols.Validator:
+    schema = json.loads(KEDA_SCHEMA.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def keda_errors(document: dict[str, Any]) -> list[str]:
+    return [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in keda_validator().iter_errors(document)
+    ]
+
+
+def start(args: list[str | Path], env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [str(a) for a in args],
+        env=env,
+        cwd=cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen[str]) -> subprocess.CompletedProcess[str]:
+    stdout, stderr = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# every example, packaged once per module
+
+
+@dataclass
+class Packaged:
+    example: Path
+    source: bytes
+    raw: dict[str, Any]
+    spec: DeploymentSpec
+    out: Path  # written in process through CliRunner
+    result: Result
+    again: Path  # the same config, written by a `bisllm` subprocess
+    again_run: subprocess.CompletedProcess[str]
+    context: Path  # `truss image build-context` of out/truss
+    context_run: subprocess.CompletedProcess[str] | None
+
+    @property
+    def truss_config(self) -> dict[str, Any]:
+        return yaml.safe_load((self.out / "truss" / "config.yaml").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Packaged]:
+    base = tmp_path_factory.mktemp("examples")
+    truss_home = tmp_path_factory.mktemp("truss-home")
+    env = {**os.environ, "TRUSS_NO_UPDATE_CHECK": "1"}
+    truss_env = {**env, "HOME": str(truss_home)}
+
+    for example in EXAMPLES:
+        for parent in ("cli", "subprocess"):
+            (base / example.stem / parent).mkdir(parents=True)
+    # Start the subprocess packagings first; they run while the in-process ones do.
+    again_runs = {
+        example.stem: start(
+            [BISLLM, "package", example, "-o", base / example.stem / "subprocess" / "out"],
+            env,
+            base,
+        )
+        for example in EXAMPLES
+    }
+    results = {
+        example.stem: package(example, "-o", base / example.stem / "cli" / "out")
+        for example in EXAMPLES
+    }
+    context_runs = {
+        example.stem: start(
+            [
+                TRUSS,
+                "image",
+                "build-context",
+                base / example.stem / "context",
+                base / example.stem / "cli" / "out" / "truss",
+            ],
+            truss_env,
+            base,
+        )
+        for example in EXAMPLES
+        if results[example.stem].exit_code == 0
+    }
+    packages = {}
+    for example in EXAMPLES:
+        validation = validate_file(example)
+        assert validation.ok and validation.spec is not None, validation.report()
+        packages[example.stem] = Packaged(
+            example=example,
+            source=example.read_bytes(),
+            raw=yaml.safe_load(example.read_text(encoding="utf-8")),
+            spec=validation.spec,
+            out=base / example.stem / "cli" / "out",
+            result=results[example.stem],
+            again=base / example.stem / "subprocess" / "out",
+            again_run=finish(again_runs[example.stem]),
+            context=base / example.stem / "context",
+            context_run=finish(context_runs[example.stem])
+            if example.stem in context_runs
+            else None,
+        )
+    return packages
+
+
+@pytest.fixture(params=EXAMPLES, ids=EXAMPLE_IDS)
+def pkg(request: pytest.FixtureRequest, packaged: dict[str, Packaged]) -> Packaged:
+    return packaged[request.param.stem]
+
+
+def test_there_are_enough_examples() -> None:
+    assert len(EXAMPLES) >= 8, f"expected at least 8 v2 examples, found {EXAMPLE_IDS}"
+
+
+# --------------------------------------------------------------------------------------------
+# 1. the truss dir
+
+
+def test_package_succeeds(pkg: Packaged) -> None:
+    assert pkg.result.exit_code == 0, pkg.result.output
+    assert f"Next: truss push {pkg.out.resolve() / 'truss'}" in pkg.result.stdout
+    assert pkg.result.stderr == ""
+    # Written in place: nothing left beside the output directory (staging or retired trees).
+    assert sorted(os.listdir(pkg.out.parent)) == ["out"]
+    assert sorted(os.listdir(pkg.out)) == sorted([MARKER, "docker", "k8s", "truss"])
+    marker = (pkg.out / MARKER).read_text(encoding="utf-8")
+    assert hashlib.sha256(pkg.source).hexdigest() in marker
+
+
+def test_package_subprocess_succeeds(pkg: Packaged) -> None:
+    run = pkg.again_run
+    assert run.returncode == 0, run.stderr
+    assert f"Next: truss push {pkg.again.resolve() / 'truss'}" in run.stdout
+    assert sorted(os.listdir(pkg.again.parent)) == ["out"]
+
+
+def test_truss_accepts_config(pkg: Packaged) -> None:
+    config = TrussConfig.from_yaml(pkg.out / "truss" / "config.yaml")
+    config.validate_forbid_extra()
+
+    assert config.model_name == pkg.spec.model_name
+    assert config.base_image is not None
+    assert config.base_image.image == image_ref(pkg.spec, PackageOptions())
+    assert config.base_image.python_executable_path.startswith("/")
+    server = config.docker_server
+    assert server is not None
+    assert server.start_command == START_COMMAND
+    assert server.server_port == SERVER_PORT != 8080  # 8080 is Truss's own proxy
+    assert server.predict_endpoint == "/v1/chat/completions"
+    accelerator = pkg.raw["resources"].get("accelerator")
+    if accelerator:
+        assert config.resources.accelerator.count == gpu_count(accelerator)
+        assert config.resources.use_gpu
+    # Truss turns non-string environment values into strings behind our back; we never rely on it.
+    raw_env = pkg.truss_config["environment_variables"]
+    assert all(isinstance(v, str) for v in raw_env.values()), raw_env
+    for key, value in (pkg.raw.get("environment_variables") or {}).items():
+        assert raw_env[key] == str(value)
+
+
+def test_truss_dir_layout(pkg: Packaged) -> None:
+    truss_dir = pkg.out / "truss"
+    names = [p.relative_to(truss_dir) for p in truss_dir.rglob("*")]
+    assert not (truss_dir / "model").exists(), "a model/ dir would make Truss load a Python model"
+    for name in names:
+        assert not set(name.parts) & IGNORED_BY_TRUSS, f"{name} would be dropped by .truss_ignore"
+        assert name.suffix != ".so", f"{name} would be dropped by .truss_ignore"
+
+    config = pkg.truss_config
+    keys = set(all_keys(config))
+    assert "trt_llm" not in keys, "a trt_llm key makes Baseten swap in its own image"
+    assert "bis_llm" not in config and "bisllm" not in config
+    provenance = config["model_metadata"]["bisllm"]
+    assert provenance["source_config_sha256"] == hashlib.sha256(pkg.source).hexdigest()
+
+    shipped_spec = (truss_dir / "data" / "bisllm" / "spec.json").read_text(encoding="utf-8")
+    assert json.loads(shipped_spec) == json.loads(pkg.spec.to_json())
+    assert shipped_spec == pkg.spec.to_json()
+    assert (truss_dir / "data" / "bisllm" / "config.yaml").read_bytes() == pkg.source
+
+
+def test_truss_build_context(pkg: Packaged) -> None:
+    run = pkg.context_run
+    assert run is not None, "packaging failed, so there is no truss dir to build"
+    assert run.returncode == 0, run.stdout + run.stderr
+    context = pkg.context
+
+    image = image_ref(pkg.spec, PackageOptions())
+    dockerfile = (context / "Dockerfile").read_text(encoding="utf-8").splitlines()
+    from_lines = [line for line in dockerfile if line.startswith("FROM ")]
+    assert from_lines, "no FROM in the Dockerfile"
+    assert from_lines[0].split()[1] == image
+    entrypoints = [line for line in dockerfile if line.startswith("ENTRYPOINT")]
+    assert entrypoints and "supervisord" in entrypoints[-1]
+
+    supervisord = configparser.ConfigParser(interpolation=None)
+    supervisord.read_string((context / "supervisord.conf").read_text(encoding="utf-8"))
+    command = supervisord["program:model-server"]["command"]
+    assert command == START_COMMAND
+    assert command.startswith(f"bisllm serve {CONFIG_IN_IMAGE} ")
+
+    proxy = (context / "proxy.conf").read_text(encoding="utf-8")
+    assert re.search(r"^\s*listen 8080;", proxy, re.MULTILINE)
+    upstreams = set(re.findall(r"proxy_pass\s+(\S+?);", proxy))
+    assert upstreams == {f"http://127.0.0.1:{SERVER_PORT}"}
+    rewrites = set(re.findall(r"rewrite\s+\S+\s+(\S+)\s+break;", proxy))
+    assert {"/v1/chat/completions", "/health"} <= rewrites
+
+    # data/ reaches the image (it is copied to /app/data, where the start command reads it).
+    assert (context / "data" / "bisllm" / "config.yaml").read_bytes() == pkg.source
+    assert (context / "data" / "bisllm" / "spec.json").read_text(encoding="utf-8") == (
+        pkg.spec.to_json()
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Kubernetes manifests
+
+
+def test_builtin_manifests_validate(pkg: Packaged) -> None:
+    documents = k8s_documents(pkg.out)
+    assert Counter(d["kind"] for d in documents) == {
+        "ConfigMap": 1,
+        "Deployment": 2,
+        "Service": 2,
+        "ScaledObject": 1,
+    }
+    for document in documents:
+        if document["kind"] == "ScaledObject":
+            continue
+        kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+
+
+def test_keda_scaledobject(pkg: Packaged) -> None:
+    documents = k8s_documents(pkg.out)
+    scaled = only(documents, "ScaledObject")
+    assert keda_errors(scaled) == []
+
+    autoscaling = pkg.spec.autoscaling
+    settings = pkg.raw.get("autoscaling_settings") or {}
+    spec = scaled["spec"]
+    assert spec["minReplicaCount"] == autoscaling.min_replica == settings.get("min_replica", 1)
+    assert spec["maxReplicaCount"] == autoscaling.max_replica == settings.get("max_replica", 1)
+    assert spec["minReplicaCount"] >= 1, "BIS-LLM never scales to zero"
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus"
+    assert trigger["metadata"]["threshold"] == str(autoscaling.target_in_flight_tokens)
+    assert pkg.spec.model_name in trigger["metadata"]["query"]
+
+    target = spec["scaleTargetRef"]
+    workers = [
+        d
+        for d in documents
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == target["name"]
+    ]
+    assert len(workers) == 1, f"scaleTargetRef {target} names no Deployment in the package"
+    assert (target.get("apiVersion", "apps/v1"), target.get("kind", "Deployment")) == (
+        "apps/v1",
+        "Deployment",
+    )
+
+
+def test_worker_resources_and_wiring(pkg: Packaged) -> None:
+    documents = k8s_documents(pkg.out)
+    scaled = only(documents, "ScaledObject")
+    deployments = {d["metadata"]["name"]: d for d in documents if d["kind"] == "Deployment"}
+    services = [d for d in documents if d["kind"] == "Service"]
+    configmap = only(documents, "ConfigMap")
+    workers = deployments.pop(scaled["spec"]["scaleTargetRef"]["name"])
+    (router,) = deployments.values()
+
+    (worker,) = workers["spec"]["template"]["spec"]["containers"]
+    resources = worker["resources"]
+    accelerator = pkg.raw["resources"].get("accelerator")
+    if accelerator:
+        gpus = gpu_count(accelerator)
+        assert gpus == pkg.spec.hardware.gpus_per_node
+        assert resources["requests"]["nvidia.com/gpu"] == gpus
+        assert resources["limits"]["nvidia.com/gpu"] == gpus
+    else:
+        assert "nvidia.com/gpu" not in resources.get("requests", {})
+    assert worker["image"] == router["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert worker["image"] == image_ref(pkg.spec, PackageOptions())
+
+    # Selectors pick the pods they are meant to, and every Service reaches exactly one Deployment.
+    for deployment in (workers, router):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selects(deployment["spec"]["selector"]["matchLabels"], labels)
+        volumes = deployment["spec"]["template"]["spec"]["volumes"]
+        assert {"name": "config", "configMap": {"name": configmap["metadata"]["name"]}} in volumes
+    for service in services:
+        reached = [
+            d
+            for d in (workers, router)
+            if selects(service["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])
+        ]
+        assert len(reached) == 1, f"Service {service['metadata']['name']} selects {len(reached)}"
+    worker_services = [
+        s["metadata"]["name"]
+        for s in services
+        if selects(s["spec"]["selector"], workers["spec"]["template"]["metadata"]["labels"])
+    ]
+    router_args = router["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert router_args[router_args.index("--workers") + 1] == f"{worker_services[0]}:{SERVER_PORT}"
+
+    assert configmap["data"]["config.yaml"] == pkg.source.decode("utf-8")
+    assert configmap["data"]["spec.json"] == pkg.spec.to_json()
+
+
+def _sample_scaledobject() -> dict[str, Any]:
+    return yaml.safe_load(
+        """
+apiVersion: keda.sh/v1alpha1
+kind: ScaledObject
+metadata: {name: tiny-moe-worker, labels: {app.kubernetes.io/name: tiny-moe}}
+spec:
+  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: tiny-moe-worker}
+  minReplicaCount: 1
+  maxReplicaCount: 4
+  pollingInterval: 15
+  cooldownPeriod: 300
+  advanced:
+    horizontalPodAutoscalerConfig:
+      behavior:
+        scaleUp: {stabilizationWindowSeconds: 0}
+        scaleDown:
+          stabilizationWindowSeconds: 300
+          policies: [{type: Percent, value: 20, periodSeconds: 300}]
+  triggers:
+    - type: prometheus
+      metricType: AverageValue
+      metadata:
+        serverAddress: http://prometheus-operated.monitoring.svc:9090
+        query: sum(bisllm_in_flight_tokens)
+        threshold: "50000"
+"""
+    )
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def mutate(document: dict[str, Any]) -> None:
+        *parents, leaf = path.split(".")
+        node: Any = document
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        if value is _DELETE:
+            del node[leaf]
+        else:
+            node[leaf] = value
+
+    return mutate
+
+
+_DELETE = object()
+HPA = "spec.advanced.horizontalPodAutoscalerConfig.behavior"
+BROKEN_SCALEDOBJECTS = {
+    "threshold-as-number": _set("spec.triggers.0.metadata.threshold", 50000),
+    "threshold-not-numeric": _set("spec.triggers.0.metadata.threshold", "lots"),
+    "missing-scaleTargetRef": _set("spec.scaleTargetRef", _DELETE),
+    "scaleTargetRef-without-name": _set("spec.scaleTargetRef.name", _DELETE),
+    "missing-metadata-name": _set("metadata.name", _DELETE),
+    "wrong-apiVersion": _set("apiVersion", "keda.sh/v1"),
+    "wrong-kind": _set("kind", "ScaledJob"),
+    "unknown-spec-key": _set("spec.minReplicas", 1),
+    "unknown-trigger-key": _set("spec.triggers.0.threshold", "50000"),
+    "no-triggers": _set("spec.triggers", []),
+    "trigger-without-type": _set("spec.triggers.0.type", _DELETE),
+    "trigger-without-metadata": _set("spec.triggers.0.metadata", _DELETE),
+    "prometheus-without-query": _set("spec.triggers.0.metadata.query", _DELETE),
+    "bad-metricType": _set("spec.triggers.0.metricType", "Average"),
+    "negative-maxReplicaCount": _set("spec.maxReplicaCount", -1),
+    "replicas-as-string": _set("spec.minReplicaCount", "1"),
+    "stabilization-over-an-hour": _set(f"{HPA}.scaleDown.stabilizationWindowSeconds", 7200),
+    "policy-type-lowercase": _set(f"{HPA}.scaleDown.policies.0.type", "percent"),
+    "policy-value-zero": _set(f"{HPA}.scaleDown.policies.0.value", 0),
+    "policy-period-over-30-min": _set(f"{HPA}.scaleDown.policies.0.periodSeconds", 3600),
+    "bad-selectPolicy": _set(f"{HPA}.scaleDown.selectPolicy", "Maximum"),
+    "fallback-without-replicas": _set("spec.fallback", {"failureThreshold": 3}),
+    "authenticationRef-without-name": _set("spec.triggers.0.authenticationRef", {"kind": "x"}),
+}
+
+
+def test_keda_schema_accepts_a_good_scaledobject() -> None:
+    document = _sample_scaledobject()
+    assert keda_errors(document) == []
+    document["spec"]["fallback"] = {"failureThreshold": 3, "replicas": 2}
+    document["spec"]["idleReplicaCount"] = 0
+    document["spec"]["initialCooldownPeriod"] = 60
+    document["spec"]["advanced"]["restoreToOriginalReplicaCount"] = True
+    document["spec"]["advanced"]["scalingModifiers"] = {"formula": "a", "target": "2"}
+    document["spec"]["triggers"][0]["authenticationRef"] = {
+        "name": "prom-auth",
+        "kind": "ClusterTriggerAuthentication",
+    }
+    document["spec"]["triggers"][0]["useCachedMetrics"] = True
+    assert keda_errors(document) == []
+
+
+@pytest.mark.parametrize("mutate", BROKEN_SCALEDOBJECTS.values(), ids=BROKEN_SCALEDOBJECTS.keys())
+def test_keda_schema_rejects_broken_scaledobject(
+    packaged: dict[str, Packaged], mutate: Callable[[dict[str, Any]], None]
+) -> None:
+    """Each break is applied to a ScaledObject that `bisllm package` rendered (and that passes)."""
+    first = next(iter(packaged.values()))
+    document = copy.deepcopy(only(k8s_documents(first.out), "ScaledObject"))
+    assert keda_errors(document) == []
+    mutate(document)
+    assert keda_errors(document), "the schema accepted a broken ScaledObject"
+
+
+def test_kubernetes_validate_is_strict(packaged: dict[str, Packaged]) -> None:
+    """The built-in check bites: a typo and a wrong type in a Deployment are both rejected."""
+    first = next(iter(packaged.values()))
+    deployment = next(d for d in k8s_documents(first.out) if d["kind"] == "Deployment")
+    typo = copy.deepcopy(deployment)
+    typo["spec"]["replica"] = typo["spec"].pop("replicas")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(typo, KUBERNETES_VERSION, strict=True)
+    wrong_type = copy.deepcopy(deployment)
+    wrong_type["spec"]["replicas"] = "1"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(wrong_type, KUBERNETES_VERSION, strict=True)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. determinism
+
+
+def test_package_is_deterministic(pkg: Packaged) -> None:
+    """The in-process and the subprocess run (another hash seed) give byte-identical trees."""
+    assert pkg.result.exit_code == 0 and pkg.again_run.returncode == 0
+    first, second = tree(pkg.out), tree(pkg.again)
+    assert sorted(first) == sorted(second)
+    different = [name for name in first if first[name] != second[name]]
+    assert different == []
+
+
+def test_crlf_config_is_carried_verbatim(tmp_path: Path) -> None:
+    """The config travels byte for byte and its recorded hash is the file's own sha256."""
+    config = tmp_path / "cfg" / "config.yaml"
+    config.parent.mkdir()
+    config.write_bytes(SMALL_CONFIG.replace("\n", "\r\n").encode("utf-8"))
+    result = package(config, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    source = config.read_bytes()
+    truss_config = yaml.safe_load((tmp_path / "out" / "truss" / "config.yaml").read_text())
+    assert truss_config["model_metadata"]["bisllm"]["source_config_sha256"] == (
+        hashlib.sha256(source).hexdigest()
+    )
+    assert (tmp_path / "out" / "truss" / "data" / "bisllm" / "config.yaml").read_bytes() == source
+
+
+# --------------------------------------------------------------------------------------------
+# 4. refusals write nothing
+
+
+def assert_refused(
+    result: Result, watched_before: dict[str, Any], watched: list[Path], *needles: str
+) -> None:
+    assert result.exit_code == 1, f"exit {result.exit_code}: {result.output}"
+    assert "Packaged" not in result.stdout
+    stderr = result.stderr
+    assert stderr.strip(), "no error message on stderr"
+    for needle in needles:
+        assert needle.lower() in stderr.lower(), f"{needle!r} not in {stderr!r}"
+    assert snapshot(watched) == watched_before, "a refused package wrote or removed something"
+
+
+INVALID_CONFIGS = {
+    "malformed-yaml": (
+        "model_name: tiny-moe\nresources: [H100:2\n",
+        ["invalid YAML", "config.yaml:"],
+    ),
+    "wrong-types": (
+        SMALL_CONFIG.replace("tensor_parallel_size: 2", "tensor_parallel_size: two"),
+        ["trt_llm.runtime.tensor_parallel_size", "config.yaml:12:"],
+    ),
+    "unknown-key": (
+        SMALL_CONFIG.replace("    tensor_parallel_size: 2", "    tensor_parallel_sise: 2"),
+        ["unknown key 'tensor_parallel_sise'", "did you mean 'tensor_parallel_size'"],
+    ),
+    "unknown-top-level-key": (
+        SMALL_CONFIG + "bisllm:\n  engine: fast\n",
+        ["unknown key 'bisllm'"],
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "needles"), INVALID_CONFIGS.values(), ids=INVALID_CONFIGS.keys())
+def test_invalid_config_is_refused(tmp_path: Path, text: str, needles: list[str]) -> None:
+    config = write_config(tmp_path / "cfg" / "config.yaml", text)
+    before = snapshot([tmp_path])
+    result = package(config, "-o", tmp_path / "out")
+    assert_refused(result, before, [tmp_path], *needles)
+
+
+def test_output_is_an_existing_file(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "cfg" / "config.yaml")
+    (tmp_path / "out.txt").write_text("keep me\n")
+    before = snapshot([tmp_path])
+    result = package(config, "-o", tmp_path / "out.txt")
+    assert_refused(result, before, [tmp_path], "is a file")
+
+
+@pytest.mark.parametrize("force", [False, True], ids=["no-force", "force"])
+def test_output_is_a_foreign_non_empty_dir(tmp_path: Path, force: bool) -> None:
+    config = write_config(tmp_path / "cfg" / "config.yaml")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine\n")
+    before = snapshot([tmp_path])
+    result = package(config, "-o", tmp_path / "out", *(["--force"] if force else []))
+    needle = MARKER if force else "--force"
+    assert_refused(result, before, [tmp_path], "not empty" if not force else "did not", needle)
+
+
+def test_output_is_an_earlier_package_without_force(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "cfg" / "config.yaml")
+    assert package(config, "-o", tmp_path / "out").exit_code == 0
+    before = snapshot([tmp_path])
+    result = package(config, "-o", tmp_path / "out")
+    assert_refused(result, before, [tmp_path], "--force")
+
+
+@pytest.mark.parametrize("where", ["config-dir", "ancestor-of-config"])
+def test_output_would_hold_the_config(tmp_path: Path, where: str) -> None:
+    """Refused even with --force and a marker present, so only the config check stands between."""
+    config = write_config(tmp_path / "ws" / "proj" / "config.yaml")
+    for directory in (tmp_path / "ws", tmp_path / "ws" / "proj"):
+        (directory / MARKER).write_text("bisllm-truss 0.0.0\n")
+    out = config.parent if where == "config-dir" else config.parent.parent
+    before = snapshot([tmp_path])
+    result = package(config, "-o", out, "--force")
+    assert_refused(result, before, [tmp_path], "config")
+    assert config.read_text(encoding="utf-8") == SMALL_CONFIG
+
+
+def test_output_is_filesystem_root(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "cfg" / "config.yaml")
+    watched = [Path("/"), tmp_path]
+    before = snapshot(watched)
+    result = package(config, "-o", "/", "--force")
+    assert_refused(result, before, watched, "refusing", "dedicated directory")
+
+
+@pytest.mark.parametrize("spelling", [".", "absolute"])
+def test_output_is_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spelling: str
+) -> None:
+    """Even an empty working directory is refused: `-o .` is almost always a slip."""
+    config = write_config(tmp_path / "cfg" / "config.yaml")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    before = snapshot([tmp_path])
+    result = package(config, "-o", "." if spelling == "." else here)
+    assert_refused(result, before, [tmp_path], "refusing", "dedicated directory")
+
+
+def test_output_is_the_home_directory(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "cfg" / "config.yaml")
+    home = tmp_path / "home"
+    home.mkdir()
+    before = snapshot([tmp_path])
+    result = package(config, "-o", home, env={"HOME": str(home)})
+    assert_refused(result, before, [tmp_path], "refusing", "dedicated directory")
+
+
+def test_output_parent_missing(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "cfg" / "config.yaml")
+    before = snapshot([tmp_path])
+    result = package(config, "-o", tmp_path / "missing" / "out")
+    assert_refused(result, before, [tmp_path], "does not exist")
+
+
+@pytest.mark.parametrize("target", ["bogus", "truss,bogus", ","])
+def test_unknown_target(tmp_path: Path, target: str) -> None:
+    config = write_config(tmp_path / "cfg" / "config.yaml")
+    before = snapshot([tmp_path])
+    result = package(config, "-o", tmp_path / "out", "--target", target)
+    assert_refused(result, before, [tmp_path], repr(target), "truss, docker, k8s")
+
+
+def test_empty_existing_dir_needs_no_force(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "cfg" / "config.yaml")
+    (tmp_path / "out").mkdir()
+    result = package(config, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / MARKER).is_file()
+
+
+def test_force_replaces_an_earlier_package(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "cfg" / "config.yaml")
+    out = tmp_path / "area" / "out"
+    out.parent.mkdir()
+    assert package(config, "-o", out).exit_code == 0
+    assert (out / "k8s").is_dir() and (out / "docker").is_dir()
+    (out / "truss" / "stale.txt").write_text("from an older version\n")
+    (out / "notes").mkdir()
+    (out / "notes" / "todo.txt").write_text("left behind\n")
+
+    result = package(config, "-o", out, "--force", "--target", "truss")
+    assert result.exit_code == 0, result.output
+    fresh = tmp_path / "fresh"
+    assert package(config, "-o", fresh, "--target", "truss").exit_code == 0
+    assert tree(out) == tree(fresh), "--force must leave exactly a fresh package"
+    assert not (out / "k8s").exists() and not (out / "docker").exists()
+    assert sorted(os.listdir(out.parent)) == ["out"], "staging or retired trees were left behind"
+
+
+# --------------------------------------------------------------------------------------------
+# 5. bisllm push
+
+
+@pytest.fixture
+def push_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str | None]:
+    """An environment with no truss, no credentials and a private scratch dir for temp files."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "empty-bin").mkdir()
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    return {
+        "PATH": str(tmp_path / "empty-bin"),
+        "HOME": str(home),
+        "USER_TRUSSRC_PATH": str(home / ".trussrc"),
+        "BASETEN_TRUSS_AUTH_API_KEY": None,
+        "BASETEN_TRUSS_AUTH_REMOTE_URL": None,
+    }
+
+
+def fake_truss(directory: Path, exit_code: int) -> Path:
+    """A `truss` that records its arguments and the config it was handed, then exits."""
+    directory.mkdir()
+    script = directory / "truss"
+    script.write_text(
+        "#!/bin/sh\n"
+        f"printf '%s\\n' \"$@\" > '{directory}/argv'\n"
+        f"cp \"$2/config.yaml\" '{directory}/pushed-config.yaml'\n"
+        f"exit {exit_code}\n"
+    )
+    script.chmod(0o755)
+    return directory
+
+
+def write_trussrc(path: Path) -> None:
+    path.write_text(
+        "[baseten]\nremote_provider = baseten\napi_key = test-key\n"
+        "remote_url = https://app.baseten.co\n"
+    )
+
+
+def push(*args: str | Path, env: dict[str, str | None]) -> Result:
+    return RUNNER.invoke(main, ["push", *map(str, args)], env=env)
+
+
+def test_push_without_truss(tmp_path: Path, push_env: dict[str, str | None]) -> None:
+    config = write_config(tmp_path / "cfg" / "config.yaml")
+    write_trussrc(tmp_path / "home" / ".trussrc")
+    result = push(config, env=push_env)
+    assert result.exit_code == 1, result.output
+    assert "truss is not installed" in result.stderr
+    assert "pip install" in result.stderr
+    assert os.listdir(tmp_path / "scratch") == []
+
+
+def test_push_without_credentials(tmp_path: Path, push_env: dict[str, str | None]) -> None:
+    config = write_config(tmp_path / "cfg" / "config.yaml")
+    env = {**push_env, "PATH": os.pathsep.join([str(SCRIPTS), "/usr/bin", "/bin"])}
+    result = push(config, env=env)
+    assert result.exit_code == 1, result.output
+    assert "no Baseten credentials" in result.stderr
+    assert "truss login" in result.stderr
+    assert os.listdir(tmp_path / "scratch") == []
+
+
+@pytest.mark.parametrize("credentials", ["trussrc", "environment"])
+def test_push_runs_truss_push(
+    tmp_path: Path, push_env: dict[str, str | None], credentials: str
+) -> None:
+    config = write_config(tmp_path / "cfg" / "config.yaml")
+    bin_dir = fake_truss(tmp_path / "bin", 0)
+    env = {**push_env, "PATH": os.pathsep.join([str(bin_dir), "/usr/bin", "/bin"])}
+    if credentials == "trussrc":
+        write_trussrc(tmp_path / "home" / ".trussrc")
+    else:
+        env["BASETEN_TRUSS_AUTH_API_KEY"] = "test-key"
+        env["BASETEN_TRUSS_AUTH_REMOTE_URL"] = "https://app.baseten.co"
+    out = tmp_path / "pushed"
+    extra = ["--publish", "--remote", "baseten", "--deployment-name", "canary"]
+    result = push(config, "-o", out, *extra, env=env)
+    assert result.exit_code == 0, result.output
+    argv = (bin_dir / "argv").read_text().splitlines()
+    assert argv == ["push", str(out.resolve() / "truss"), *extra]
+    assert (bin_dir / "pushed-config.yaml").read_bytes() == (
+        out / "truss" / "config.yaml"
+    ).read_bytes()
+    assert not (out / "k8s").exists(), "push packages only the truss target"
+
+
+def test_push_into_temporary_dir(tmp_path: Path, push_env: dict[str, str | None]) -> None:
+    config = write_config(tmp_path / "cfg" / "config.yaml")
+    bin_dir = fake_truss(tmp_path / "bin", 0)
+    write_trussrc(tmp_path / "home" / ".trussrc")
+    env = {**push_env, "PATH": os.pathsep.join([str(bin_dir), "/usr/bin", "/bin"])}
+    result = push(config, env=env)
+    assert result.exit_code == 0, result.output
+    command, truss_dir = (bin_dir / "argv").read_text().splitlines()
+    assert command == "push"
+    assert Path(truss_dir).name == "truss"
+    assert Path(truss_dir).is_relative_to((tmp_path / "scratch").resolve())
+    pushed = yaml.safe_load((bin_dir / "pushed-config.yaml").read_text())
+    assert pushed["model_name"] == "tiny-moe"
+    assert os.listdir(tmp_path / "scratch") == [], "the temporary package was not cleaned up"
+
+
+def test_push_reports_truss_failure(tmp_path: Path, push_env: dict[str, str | None]) -> None:
+    config = write_config(tmp_path / "cfg" / "config.yaml")
+    bin_dir = fake_truss(tmp_path / "bin", 3)
+    write_trussrc(tmp_path / "home" / ".trussrc")
+    env = {**push_env, "PATH": os.pathsep.join([str(bin_dir), "/usr/bin", "/bin"])}
+    result = push(config, "--publish", env=env)
+    assert result.exit_code == 1, result.output
+    assert "status 3" in result.stderr
+    assert (bin_dir / "argv").read_text().splitlines()[2:] == ["--publish"]
+    assert os.listdir(tmp_path / "scratch") == []
