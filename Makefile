@@ -21,6 +21,7 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/bisllm validate $(DEMO_CONFIG)
 	$(BIN)/bisllm migrate examples/v1-llama-3.3-70b-engine-builder.yaml --dry-run
+	mkdir -p out
 	$(BIN)/bisllm package $(DEMO_CONFIG) -o $(DEMO_OUT) --force
 	TRUSS_NO_UPDATE_CHECK=1 $(BIN)/python -c "from pathlib import Path; from truss.base.truss_config import TrussConfig; TrussConfig.from_yaml(Path('$(DEMO_OUT)/truss/config.yaml')).validate_forbid_extra(); print('truss accepts $(DEMO_OUT)/truss/config.yaml')"
 	rm -rf out/deepseek-v3.1-build-context
