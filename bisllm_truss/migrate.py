@@ -17,6 +17,14 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import YAMLError
 
 from bisllm_truss.schema.llm_config import MAX_DRAFT_LEN
+from bisllm_truss.schema.trt_llm import (
+    LEGACY_QUANTIZATION,
+    V2_ALLOWED_BUILD_FIELDS,
+    V2_MAX_NUM_TOKENS,
+    BuildV1,
+    RuntimeV1,
+    RuntimeV2,
+)
 from bisllm_truss.yaml_roundtrip import (
     Entry,
     Indent,
@@ -40,7 +48,6 @@ from bisllm_truss.yaml_roundtrip import (
 
 __all__ = ["Migration", "MigrationError", "migrate_text"]
 
-V2_MAX_NUM_TOKENS = 131072
 _MARK = "bisllm migrate:"
 
 # Steps 3 and 4: build fields that move to trt_llm.runtime, by their v2 name.
@@ -50,39 +57,19 @@ _BUILD_TO_RUNTIME = {
     "max_num_tokens": "max_num_tokens",
     "tensor_parallel_count": "tensor_parallel_size",
 }
-_V2_BUILD_FIELDS = frozenset(
-    {
-        "checkpoint_repository",
-        "quantization_type",
-        "quantization_config",
-        "num_builder_gpus",
-        "skip_build_result",
-    }
-)
-# v1 build fields with no v2 home, and their v1 defaults (a non-default value means lost intent).
+# Build fields the seven steps handle explicitly (deleted or moved).
+_STEP_BUILD_FIELDS = {"base_model", "plugin_configuration", "speculator", *_BUILD_TO_RUNTIME}
+# The rest of the v1 build fields have no v2 home; with their v1 defaults, since only a
+# non-default value means intent is lost. Derived from the schema, the single source of truth.
 _V1_ONLY_BUILD_DEFAULTS: dict[str, Any] = {
-    "max_beam_width": 1,
-    "max_prompt_embedding_table_size": 0,
-    "gather_all_token_logits": False,
-    "strongly_typed": False,
-    "pipeline_parallel_count": 1,
-    "sequence_parallel_count": 1,
-    "moe_expert_parallel_option": -1,
-    "lora_adapters": None,
-    "lora_configuration": None,
+    name: info.get_default(call_default_factory=True)
+    for name, info in BuildV1.model_fields.items()
+    if name not in V2_ALLOWED_BUILD_FIELDS and name not in _STEP_BUILD_FIELDS
 }
-_LEGACY_QUANT = frozenset(
-    {"weights_int8", "weights_kv_int8", "weights_int4", "weights_int4_kv_int8", "smooth_quant"}
-)
-_V1_ONLY_RUNTIME = frozenset(
-    {
-        "kv_cache_free_gpu_mem_fraction",
-        "kv_cache_host_memory_bytes",
-        "batch_scheduler_policy",
-        "total_token_limit",
-        "request_default_max_tokens",
-        "webserver_default_route",
-    }
+_LEGACY_QUANT = frozenset(q.value for q in LEGACY_QUANTIZATION)
+# v1 runtime fields v2 does not know (step 7 renames enable_chunked_context instead).
+_V1_ONLY_RUNTIME = (
+    frozenset(RuntimeV1.model_fields) - set(RuntimeV2.model_fields) - {"enable_chunked_context"}
 )
 
 
@@ -238,7 +225,7 @@ class _Migrator:
                 "not support; pick no_quant, fp8, fp8_kv, fp4, fp4_kv or fp4_mlp_only."
             )
         for key in build:
-            if key not in _V2_BUILD_FIELDS:
+            if key not in V2_ALLOWED_BUILD_FIELDS:
                 self.warn(
                     f"trt_llm.build.{key}: not a v2 build field; left in place (v2 rejects "
                     "it unless it has its default value)."
@@ -332,7 +319,7 @@ class _Migrator:
                 rename_key(runtime, "enable_chunked_context", "enable_chunked_prefill")
 
         for key in list(runtime):
-            if key not in _V1_ONLY_RUNTIME and not key.startswith("lora_cache_"):
+            if key not in _V1_ONLY_RUNTIME:
                 continue
             value = self.remove_noted(parent, key, 2 * self.indent.mapping, "no v2 equivalent")
             self.warn(

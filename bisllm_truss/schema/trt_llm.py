@@ -16,6 +16,7 @@ from bisllm_truss.issues import RuleViolation, check_all
 from bisllm_truss.schema.base import StrictModel, explicitly_set_non_default
 
 MAX_SEQ_LEN = 1_048_576
+V2_MAX_NUM_TOKENS = 131_072  # v1 allowed up to 1_048_576
 
 
 class CheckpointSource(str, enum.Enum):
@@ -306,7 +307,7 @@ PatchValue = str | int | float | bool | dict[str, Any] | list[Any] | None
 class RuntimeV2(StrictModel):
     max_seq_len: Annotated[int, Field(strict=True, ge=1, le=MAX_SEQ_LEN)] | None = None
     max_batch_size: Annotated[int, Field(strict=True, ge=1, le=2048)] = 256
-    max_num_tokens: Annotated[int, Field(strict=True, gt=64, le=131_072)] = 8192
+    max_num_tokens: Annotated[int, Field(strict=True, gt=64, le=V2_MAX_NUM_TOKENS)] = 8192
     tensor_parallel_size: Annotated[int, Field(strict=True, ge=1)] = 1
     enable_chunked_prefill: bool = True
     served_model_name: Annotated[str, Field(min_length=1)] | None = None
