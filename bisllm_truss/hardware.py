@@ -50,4 +50,3 @@ GPU_INFO: dict[Accelerator, GpuInfo] = {
 
 FP8_MIN_COMPUTE = 89
 FP4_MIN_COMPUTE = 100
-BF16_MIN_COMPUTE = 80

@@ -21,6 +21,7 @@ from bisllm_truss.schema.trt_llm import (
     LEGACY_QUANTIZATION,
     V2_ALLOWED_BUILD_FIELDS,
     V2_MAX_NUM_TOKENS,
+    V2_QUANTIZATION_NAMES,
     BuildV1,
     RuntimeV1,
     RuntimeV2,
@@ -222,7 +223,7 @@ class _Migrator:
         if isinstance(quant, str) and quant in _LEGACY_QUANT:
             self.warn(
                 f"trt_llm.build.quantization_type: {quant} is a legacy type that v2 does "
-                "not support; pick no_quant, fp8, fp8_kv, fp4, fp4_kv or fp4_mlp_only."
+                f"not support; pick one of {V2_QUANTIZATION_NAMES}."
             )
         for key in build:
             if key not in V2_ALLOWED_BUILD_FIELDS:

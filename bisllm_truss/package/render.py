@@ -7,7 +7,7 @@ import importlib.metadata
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,6 @@ class PackageOptions:
     targets: tuple[str, ...] = TARGETS
     image_repository: str = DEFAULT_IMAGE_REPOSITORY
     prometheus_address: str = DEFAULT_PROMETHEUS
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _environment() -> Environment:

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict
 class StrictModel(BaseModel):
     """Every config block: unknown keys rejected (so typos are caught), values validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_enum_values=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 def explicitly_set_non_default(model: BaseModel, field: str) -> bool:

@@ -68,6 +68,10 @@ LEGACY_QUANTIZATION = frozenset(
 )
 
 
+# What v2 serves, in the order users read it in error messages.
+V2_QUANTIZATION_NAMES = ", ".join(q.value for q in QuantizationType if not q.is_legacy)
+
+
 class BaseModelKind(str, enum.Enum):
     DECODER = "decoder"
     ENCODER = "encoder"
@@ -266,12 +270,11 @@ class BuildV2(BuildV1):
                 )
             )
         if self.quantization_type.is_legacy:
-            supported = ", ".join(q.value for q in QuantizationType if not q.is_legacy)
             violations.append(
                 (
                     ("quantization_type",),
                     f"quantization_type {self.quantization_type.value} is not supported by the v2 "
-                    f"inference stack; expected one of: {supported}",
+                    f"inference stack; expected one of: {V2_QUANTIZATION_NAMES}",
                 )
             )
         if violations:
