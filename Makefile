@@ -9,9 +9,11 @@ DEMO_OUT := out/deepseek-v3.1
 
 .PHONY: install demo test lint clean
 
+# torch is pinned first so pip takes the CPU wheel instead of a multi-GB CUDA build.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet 'torch==2.13.0'
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from bisllm_truss import __version__
+from bisllm_truss.cli_generate import generate
 from bisllm_truss.migrate import MigrationError, migrate_text
 from bisllm_truss.package import OutputDirError, PackageOptions, render_package, write_tree
 from bisllm_truss.package.render import TARGETS, PackageError
@@ -237,3 +238,6 @@ def push_command(
             _fail(str(exc))
     if code:
         _fail(f"truss push exited with status {code}")
+
+
+main.add_command(generate)

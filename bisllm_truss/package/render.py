@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bisllm_templates import TEMPLATE_ROOT
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from bisllm_templates import TEMPLATE_ROOT
 from bisllm_truss import __version__
 from bisllm_truss.package.outdir import MARKER
 from bisllm_truss.spec import DeploymentSpec

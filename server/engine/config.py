@@ -1,0 +1,60 @@
+"""Engine settings: what the scheduler, KV pool and model runner are sized from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+SchedulePolicy = Literal["fcfs", "lpm"]
+SCHEDULE_POLICIES: tuple[str, ...] = ("fcfs", "lpm")
+
+
+class EngineConfigError(ValueError):
+    """A setting is out of range; the message names the field and what was expected."""
+
+
+@dataclass
+class EngineConfig:
+    model: str | Path
+    dtype: str = "auto"
+    device: str = "cpu"
+    # Most requests running at once (SGLang max_running_requests / vLLM max_num_seqs).
+    max_batch_size: int = 64
+    # Token budget of one forward: prefill chunks plus one token per decoding request.
+    max_num_tokens: int = 2048
+    # Longest sequence (prompt + output); None takes the checkpoint's max_position_embeddings.
+    max_seq_len: int | None = None
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    schedule_policy: SchedulePolicy = "fcfs"
+    page_size: int = 16
+    # KV budget: bytes on CPU; fraction of free memory on GPU. num_kv_pages overrides both.
+    kv_cache_bytes: int = 256 * 1024 * 1024
+    gpu_memory_fraction: float = 0.85
+    num_kv_pages: int | None = None
+    seed: int | None = None
+
+    def validate(self) -> None:
+        positive = {
+            "max_batch_size": self.max_batch_size,
+            "max_num_tokens": self.max_num_tokens,
+            "page_size": self.page_size,
+            "kv_cache_bytes": self.kv_cache_bytes,
+        }
+        if self.max_seq_len is not None:
+            positive["max_seq_len"] = self.max_seq_len
+        if self.num_kv_pages is not None:
+            positive["num_kv_pages"] = self.num_kv_pages
+        for name, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise EngineConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not 0.0 < self.gpu_memory_fraction <= 1.0:
+            raise EngineConfigError(
+                f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction!r}"
+            )
+        if self.schedule_policy not in SCHEDULE_POLICIES:
+            raise EngineConfigError(
+                f"schedule_policy must be one of {', '.join(SCHEDULE_POLICIES)}, "
+                f"got {self.schedule_policy!r}"
+            )

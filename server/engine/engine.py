@@ -1,0 +1,448 @@
+"""`LLMEngine`: add / step / abort over the scheduler, model runner and sampler.
+
+One `step()` schedules a batch, runs one forward, samples the requests whose chunk reached
+their last token, applies stop conditions and returns per-request deltas. `add_request` and
+`abort` may be called from any thread (the async server does): they go through an inbox that
+`step()` drains, so the scheduler itself is only touched by the stepping thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bisllm_server.engine.attention import AttentionBackend, TorchAttentionBackend
+from bisllm_server.engine.config import EngineConfig
+from bisllm_server.engine.detokenizer import IncrementalDetokenizer
+from bisllm_server.engine.kv_cache import KVPool, PageAllocator, kv_budget_bytes, pages_for_budget
+from bisllm_server.engine.loader import ModelConfig, load_model
+from bisllm_server.engine.model_runner import CausalModel, ModelRunner
+from bisllm_server.engine.radix_cache import RadixCache
+from bisllm_server.engine.request import CompletionOutput, Request, RequestOutput
+from bisllm_server.engine.sampling import Sampler, SamplingParams, SamplingRow
+from bisllm_server.engine.scheduler import ScheduledBatch, Scheduler
+from bisllm_server.engine.stats import EngineStats
+from bisllm_server.kv_events import KVEventPublisher
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve; the message names the field and the limit."""
+
+
+_LOAD_TOKENIZER = object()
+
+
+def load_tokenizer(model_dir: str | Path) -> Any | None:
+    """The checkpoint's tokenizer, or None when the directory ships none (token-id prompts only)."""
+    path = Path(model_dir)
+    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        *,
+        model: CausalModel | None = None,
+        model_config: ModelConfig | None = None,
+        tokenizer: Any = _LOAD_TOKENIZER,
+        attention: type[AttentionBackend] = TorchAttentionBackend,
+    ) -> None:
+        config.validate()
+        self.config = config
+        if model is None:
+            loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+            model, model_config = loaded.model, loaded.config
+        assert model_config is not None, "model_config is required with an explicit model"
+        self.model_config = model_config
+        self.tokenizer = load_tokenizer(config.model) if tokenizer is _LOAD_TOKENIZER else tokenizer
+        self.device = torch.device(config.device)
+        self.page_size = config.page_size
+        self.max_seq_len = config.max_seq_len or model_config.max_position_embeddings
+        self.eos_token_ids = frozenset(model_config.eos_token_ids)
+
+        num_pages = config.num_kv_pages or pages_for_budget(
+            kv_budget_bytes(
+                self.device,
+                cpu_bytes=config.kv_cache_bytes,
+                gpu_memory_fraction=config.gpu_memory_fraction,
+            ),
+            model_config.num_layers,
+            model_config.num_kv_heads,
+            model_config.head_dim,
+            config.page_size,
+            model_config.dtype,
+        )
+        self.kv_pool = KVPool(
+            model_config.num_layers,
+            model_config.num_kv_heads,
+            model_config.head_dim,
+            num_pages,
+            config.page_size,
+            model_config.dtype,
+            self.device,
+        )
+        self.allocator = PageAllocator(num_pages)
+        self.kv_events = KVEventPublisher()
+        self.cache = (
+            RadixCache(config.page_size, self.allocator, self.kv_events)
+            if config.enable_prefix_caching
+            else None
+        )
+        self.scheduler = Scheduler(
+            allocator=self.allocator,
+            cache=self.cache,
+            page_size=config.page_size,
+            max_batch_size=config.max_batch_size,
+            max_num_tokens=config.max_num_tokens,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            schedule_policy=config.schedule_policy,
+        )
+        self.runner = ModelRunner(
+            model,
+            attention(self.kv_pool.k_buffers, self.kv_pool.v_buffers),
+            page_size=config.page_size,
+            max_rows=config.max_batch_size,
+            max_pages_per_seq=-(-self.max_seq_len // config.page_size),
+            device=self.device,
+        )
+        self.sampler = Sampler(seed=config.seed)
+
+        self._requests: dict[str, Request] = {}
+        # Finished requests that `generate` waits for; streaming callers only get the deltas.
+        self._collect: dict[str, Request | None] = {}
+        self._inbox: list[tuple[str, Any]] = []
+        self._inbox_lock = threading.Lock()
+        self._arrivals = itertools.count()
+        self._ids = itertools.count()
+        self._step = 0
+        self._totals = {"prompt": 0, "generation": 0, "cached": 0, "finished": 0}
+        self.stats = self._snapshot(ScheduledBatch(), 0, 0.0, 0.0, 0.0)
+
+    # -- public API ---------------------------------------------------------------------
+
+    @property
+    def num_kv_pages(self) -> int:
+        return self.kv_pool.num_pages
+
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        detokenize: bool = True,
+    ) -> str:
+        """Queue a request (thread-safe); it joins the batch at the next step."""
+        req = self._make_request(prompt, params or SamplingParams(), request_id, detokenize)
+        with self._inbox_lock:
+            if req.request_id in self._requests or any(
+                kind == "add" and item.request_id == req.request_id for kind, item in self._inbox
+            ):
+                raise RequestError(f"request_id {req.request_id!r} is already in use")
+            self._inbox.append(("add", req))
+        return req.request_id
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV at the next step (thread-safe; unknown ids ignored)."""
+        with self._inbox_lock:
+            self._inbox.append(("abort", request_id))
+
+    def has_unfinished_requests(self) -> bool:
+        with self._inbox_lock:
+            return bool(self._inbox) or self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
+        outputs = self._drain_inbox()
+        batch = self.scheduler.schedule()
+        decode_tokens = sum(n for req, n in batch.items if req.is_decoding)
+        schedule_seconds = forward_seconds = 0.0
+        if batch:
+            fb, sampled = self.runner.prepare(batch)
+            forward_start = time.perf_counter()
+            schedule_seconds = forward_start - start
+            logits = self.runner.forward(fb)
+            forward_seconds = time.perf_counter() - forward_start
+            rows = [self._sampling_row(batch.items[i][0]) for i in sampled]
+            result = self.sampler.sample(logits, rows) if sampled else None
+            self.scheduler.after_forward(batch)
+            if result is not None:
+                for slot, i in enumerate(sampled):
+                    req = batch.items[i][0]
+                    outputs.append(
+                        self._append_token(
+                            req,
+                            result.token_ids[slot],
+                            result.logprobs[slot],
+                            result.top_logprobs[slot],
+                        )
+                    )
+        self._step += 1
+        self.stats = self._snapshot(
+            batch, decode_tokens, time.perf_counter() - start, schedule_seconds, forward_seconds
+        )
+        return outputs
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        detokenize: bool = True,
+        progress: bool = False,
+    ) -> list[CompletionOutput]:
+        """Run prompts to completion (offline use); results in prompt order."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        if len(params) != len(prompts):
+            raise RequestError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        ids = []
+        for prompt, sp in zip(prompts, params, strict=True):
+            rid = f"gen-{next(self._ids)}"
+            self._collect[rid] = None
+            ids.append(self.add_request(prompt, sp, request_id=rid, detokenize=detokenize))
+        remaining = set(ids)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(ids), desc="generate", unit="req")
+        while remaining:
+            for out in self.step():
+                if out.finished and out.request_id in remaining:
+                    remaining.discard(out.request_id)
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        results = []
+        for rid in ids:
+            req = self._collect.pop(rid)
+            assert req is not None
+            results.append(
+                CompletionOutput(
+                    request_id=rid,
+                    prompt_ids=req.prompt_ids,
+                    token_ids=req.output_ids,
+                    text=req.text,
+                    finish_reason=req.finish_reason,
+                    stop_reason=req.stop_reason,
+                    num_cached_tokens=req.num_cached_tokens,
+                    logprobs=req.logprobs,
+                    top_logprobs=req.top_logprobs,
+                )
+            )
+        return results
+
+    def reset_prefix_cache(self) -> None:
+        """Drop every cached page (only when no request is running)."""
+        if self.cache is not None:
+            self.cache.reset()
+
+    # -- requests -----------------------------------------------------------------------
+
+    def _make_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        request_id: str | None,
+        detokenize: bool,
+    ) -> Request:
+        params.validate()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("prompt: this checkpoint has no tokenizer; pass token ids")
+            prompt_ids = list(self.tokenizer.encode(prompt))
+        else:
+            prompt_ids = [int(t) for t in prompt]
+        if not prompt_ids:
+            raise RequestError("prompt: must contain at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in prompt_ids if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise RequestError(
+                f"prompt: {len(prompt_ids)} tokens leave no room to generate within "
+                f"max_seq_len {self.max_seq_len}"
+            )
+        if not self.config.enable_chunked_prefill and len(prompt_ids) > self.config.max_num_tokens:
+            raise RequestError(
+                f"prompt: {len(prompt_ids)} tokens exceed max_num_tokens "
+                f"{self.config.max_num_tokens} and chunked prefill is disabled"
+            )
+        longest = min(len(prompt_ids) + params.max_tokens, self.max_seq_len)
+        if -(-longest // self.page_size) > self.kv_pool.num_pages:
+            raise RequestError(
+                f"prompt + max_tokens: {longest} tokens need more KV pages than the pool has "
+                f"({self.kv_pool.num_pages} pages of {self.page_size} tokens)"
+            )
+        if params.stop and (self.tokenizer is None or not detokenize):
+            raise RequestError("stop: stop strings need a tokenizer and detokenization")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        generator = params.make_generator(self.device)
+        req = Request(rid, prompt_ids, params, next(self._arrivals), generator=generator)
+        if detokenize and self.tokenizer is not None:
+            req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+        return req
+
+    def _drain_inbox(self) -> list[RequestOutput]:
+        with self._inbox_lock:
+            inbox, self._inbox = self._inbox, []
+        outputs = []
+        for kind, item in inbox:
+            if kind == "add":
+                self._requests[item.request_id] = item
+                self.scheduler.add(item)
+                self._totals["prompt"] += item.num_prompt_tokens
+            else:
+                req = self._requests.get(item)
+                if req is not None and not req.finished:
+                    req.finish_reason = "abort"
+                    self._finish(req)
+                    outputs.append(self._output(req, 0, ""))
+        return outputs
+
+    def _finish(self, req: Request) -> None:
+        self.scheduler.finish(req)
+        del self._requests[req.request_id]
+        if req.request_id in self._collect:
+            self._collect[req.request_id] = req
+        self._totals["finished"] += 1
+
+    def _sampling_row(self, req: Request) -> SamplingRow:
+        params = req.params
+        banned: tuple[int, ...] = ()
+        if req.num_output_tokens < params.min_tokens:
+            eos = () if params.ignore_eos else tuple(self.eos_token_ids)
+            banned = eos + tuple(params.stop_token_ids)
+        return SamplingRow(
+            params=params,
+            prompt_ids=req.prompt_ids,
+            output_ids=req.output_ids,
+            generator=req.generator,
+            banned_token_ids=banned,
+        )
+
+    def _append_token(
+        self,
+        req: Request,
+        token: int,
+        logprob: float | None,
+        top: list[tuple[int, float]] | None,
+    ) -> RequestOutput:
+        params = req.params
+        req.token_ids.append(token)
+        self._totals["generation"] += 1
+        if params.logprobs is not None:
+            req.logprobs.append(logprob)
+            req.top_logprobs.append(top)
+        if req.detokenizer is not None:
+            req.text += req.detokenizer.add(token)
+
+        if not params.ignore_eos and token in self.eos_token_ids:
+            req.finish_reason = "stop"
+        elif token in params.stop_token_ids:
+            req.finish_reason, req.stop_reason = "stop", token
+        elif params.stop and self._truncate_at_stop_string(req):
+            req.finish_reason = "stop"
+        elif req.num_output_tokens >= params.max_tokens or req.seq_len >= self.max_seq_len:
+            req.finish_reason = "length"
+
+        if req.finish_reason is not None:
+            self._finish(req)
+            visible = len(req.text)
+        else:
+            # Hold back text that may turn out to be the start of a stop string.
+            visible = len(req.text) - (max(map(len, params.stop), default=1) - 1)
+        new_text = req.text[req.num_emitted_chars : max(visible, req.num_emitted_chars)]
+        new_tokens = len(req.token_ids) - len(req.prompt_ids) - req.num_emitted_tokens
+        return self._output(req, new_tokens, new_text)
+
+    def _truncate_at_stop_string(self, req: Request) -> bool:
+        stops = req.params.stop
+        # Only the tail can hold a new match: the last token plus the longest stop string.
+        search_from = max(0, req.num_emitted_chars - max(map(len, stops)))
+        hits = [(req.text.find(s, search_from), s) for s in stops]
+        hits = [(pos, s) for pos, s in hits if pos >= 0]
+        if not hits:
+            return False
+        pos, stop = min(hits)
+        req.text = req.text[:pos]
+        req.stop_reason = stop
+        return True
+
+    def _output(self, req: Request, new_tokens: int, new_text: str) -> RequestOutput:
+        n_out = req.num_output_tokens
+        first = n_out - new_tokens
+        out = RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=req.output_ids[first:] if new_tokens else [],
+            new_text=new_text,
+            finished=req.finished,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=n_out,
+            num_cached_tokens=req.num_cached_tokens,
+            new_logprobs=req.logprobs[first:] if req.params.logprobs is not None else [],
+            new_top_logprobs=req.top_logprobs[first:] if req.params.logprobs is not None else [],
+        )
+        req.num_emitted_tokens = n_out
+        req.num_emitted_chars += len(new_text)
+        return out
+
+    # -- stats --------------------------------------------------------------------------
+
+    def _snapshot(
+        self,
+        batch: ScheduledBatch,
+        decode_tokens: int,
+        seconds: float,
+        schedule_seconds: float,
+        forward_seconds: float,
+    ) -> EngineStats:
+        in_flight = 0
+        for req in self.scheduler.running:
+            if req.is_decoding:
+                in_flight += req.seq_len
+            else:
+                in_flight += req.seq_len - req.prefill_hit
+        self._totals["cached"] += batch.cached_tokens
+        cached_pages = self.cache.cached_pages if self.cache is not None else 0
+        evictable = self.cache.evictable_pages if self.cache is not None else 0
+        total = self.kv_pool.num_pages
+        return EngineStats(
+            step=self._step,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_pages_total=total,
+            kv_pages_used=total - self.allocator.num_free,
+            kv_pages_free=self.allocator.num_free,
+            kv_pages_cached=cached_pages,
+            kv_pages_evictable=evictable,
+            page_size=self.page_size,
+            prefill_tokens=batch.num_tokens - decode_tokens,
+            decode_tokens=decode_tokens,
+            in_flight_tokens=in_flight,
+            cached_tokens=batch.cached_tokens,
+            prompt_tokens_total=self._totals["prompt"],
+            generation_tokens_total=self._totals["generation"],
+            cached_tokens_total=self._totals["cached"],
+            num_retractions_total=self.scheduler.num_retractions,
+            num_finished_total=self._totals["finished"],
+            step_seconds=seconds,
+            schedule_seconds=schedule_seconds,
+            forward_seconds=forward_seconds,
+        )

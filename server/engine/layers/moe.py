@@ -1,0 +1,190 @@
+"""Sparse mixture-of-experts block: softmax top-k router plus fused SwiGLU experts.
+
+Experts are stored fused, as transformers 5 keeps them in memory: `w13` [E, 2*I, H] (gate rows,
+then up rows) and `w2` [E, H, I]. The expert computation sits behind `ExpertsBackend` so a
+fused GPU kernel can replace the PyTorch grouping without touching the models.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bisllm_server.engine.layers.mlp import silu_and_mul
+
+
+def softmax_topk(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(topk_weights [T, k] in the logits' dtype, topk_ids [T, k] int64).
+
+    Softmax over all experts in fp32, then top-k, renormalised to sum to one when the family
+    says so (Qwen3-MoE: `norm_topk_prob`; Mixtral: always)."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(router_logits.dtype), ids
+
+
+class ExpertsBackend(ABC):
+    """Computes sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) for every token t."""
+
+    @abstractmethod
+    def forward(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+    ) -> torch.Tensor: ...
+
+
+class TorchExpertsBackend(ExpertsBackend):
+    """Experts in plain PyTorch, as a handful of large ops (never a loop over tokens).
+
+    On CPU and at small batch the per-op overhead, not the arithmetic, sets the time, so the
+    strategy with the fewest ops is used whose extra compute stays within `max_waste` times
+    the routed work:
+      gathered - with fewer (token, slot) pairs than half the experts (decode at small batch
+                with many experts), the picked experts' weights are gathered and each pair
+                runs as one row of a batched matmul: no padding, no idle experts;
+      dense   - every expert runs on every token and the routing weights zero the unpicked
+                results (E <= max_waste * k, e.g. Mixtral's 8 experts / top-2), for batches
+                of up to `dense_max_tokens` tokens (decode-sized; bounds the memory);
+      padded  - (token, slot) pairs are sorted by expert and each group is padded to the
+                largest one, so all experts run as one batched matmul pair;
+      grouped - one matmul pair per expert that received tokens (heavily skewed routing).
+    """
+
+    def __init__(self, max_waste: float = 4.0, dense_max_tokens: int = 256) -> None:
+        self.max_waste = max_waste
+        self.dense_max_tokens = dense_max_tokens
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+    ) -> torch.Tensor:
+        num_experts, top_k = w13.shape[0], topk_ids.shape[1]
+        if x.shape[0] == 0:
+            return torch.zeros_like(x)
+        if 2 * topk_ids.numel() <= num_experts:
+            return self._gathered(x, topk_ids, topk_weights, w13, w2)
+        if num_experts <= self.max_waste * top_k and x.shape[0] <= self.dense_max_tokens:
+            return self._dense(x, topk_ids, topk_weights, w13, w2)
+
+        flat_ids = topk_ids.flatten()
+        # Stable sort keeps each expert's tokens in token order, like the reference loop.
+        order = torch.argsort(flat_ids, stable=True)
+        token_ids = order // top_k
+        counts = torch.bincount(flat_ids, minlength=num_experts)
+        width = int(counts.max())  # host sync: sizes the padded groups
+        x_sorted = x[token_ids]
+        if num_experts * width <= self.max_waste * flat_ids.numel():
+            sorted_ids = flat_ids[order]
+            group_start = torch.cumsum(counts, 0) - counts
+            rank = torch.arange(flat_ids.numel(), device=x.device) - group_start[sorted_ids]
+            rows = sorted_ids * width + rank  # row of each pair in the [E * width] layout
+            padded = x.new_zeros(num_experts * width, x.shape[1]).index_copy_(0, rows, x_sorted)
+            h = silu_and_mul(torch.bmm(padded.view(num_experts, width, -1), w13.transpose(1, 2)))
+            y = torch.bmm(h, w2.transpose(1, 2)).view(num_experts * width, -1)[rows]
+        else:
+            outs, start = [], 0
+            for expert, count in enumerate(counts.tolist()):
+                if count:
+                    xs = x_sorted[start : start + count]
+                    outs.append(F.linear(silu_and_mul(F.linear(xs, w13[expert])), w2[expert]))
+                    start += count
+            y = torch.cat(outs)
+        y = y * topk_weights.flatten()[order, None]
+        return torch.zeros_like(x).index_add_(0, token_ids, y)
+
+    @staticmethod
+    def _gathered(
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+    ) -> torch.Tensor:
+        num_tokens, top_k = topk_ids.shape
+        pairs = topk_ids.flatten()
+        # Copying the picked experts' weights costs less than the ops of any grouping here.
+        xs = x.repeat_interleave(top_k, dim=0)[:, None, :]  # [P, 1, H]
+        h = silu_and_mul(torch.bmm(xs, w13.index_select(0, pairs).transpose(1, 2)))
+        y = torch.bmm(h, w2.index_select(0, pairs).transpose(1, 2)).view(num_tokens, top_k, -1)
+        return (y * topk_weights[:, :, None]).sum(1)
+
+    @staticmethod
+    def _dense(
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+    ) -> torch.Tensor:
+        num_experts = w13.shape[0]
+        # [T, E] routing weights, zero for the experts a token did not pick.
+        routing = x.new_zeros(x.shape[0], num_experts).scatter_(1, topk_ids, topk_weights)
+        h = silu_and_mul(torch.bmm(x.expand(num_experts, -1, -1), w13.transpose(1, 2)))
+        y = torch.bmm(h, w2.transpose(1, 2)) * routing.t()[:, :, None]  # [E, T, H]
+        return y.sum(0)
+
+
+DEFAULT_EXPERTS_BACKEND: ExpertsBackend = TorchExpertsBackend()
+
+
+class FusedExperts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.backend: ExpertsBackend = DEFAULT_EXPERTS_BACKEND
+
+    def forward(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        return self.backend.forward(x, topk_ids, topk_weights, self.w13, self.w2)
+
+
+class SparseMoE(nn.Module):
+    """Router (`gate`, [E, H], no bias) + routed experts (+ optional shared expert)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        renormalize: bool,
+    ) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = FusedExperts(num_experts, hidden_size, intermediate_size)
+        # Hook for families with an always-on shared expert (DeepSeek, GLM, Llama 4): a module
+        # mapping [T, H] -> [T, H] whose output is added to the routed sum. None here.
+        self.shared_experts: nn.Module | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = softmax_topk(self.gate(x), self.top_k, self.renormalize)
+        out = self.experts(x, ids, weights)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+
+def set_experts_backend(model: nn.Module, backend: ExpertsBackend) -> None:
+    """Route every MoE layer of `model` through `backend` (e.g. a fused GPU kernel)."""
+    for module in model.modules():
+        if isinstance(module, FusedExperts):
+            module.backend = backend

@@ -1,0 +1,161 @@
+"""Build an engine model from a HF checkpoint directory (config.json + safetensors).
+
+The model is created on the `meta` device (no memory), materialised uninitialised on the
+target device, then each checkpoint tensor is streamed from safetensors and copied straight
+into its parameter, so peak memory is the model plus one tensor.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from bisllm_server.engine.models import (
+    DecoderForCausalLM,
+    UnsupportedModelError,
+    resolve_architecture,
+)
+
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+}
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    model_type: str
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    eos_token_ids: list[int]
+    bos_token_id: int | None
+    dtype: torch.dtype
+
+
+@dataclass
+class LoadedModel:
+    model: DecoderForCausalLM
+    config: ModelConfig
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """bf16 / fp16 / fp32 given as a torch dtype or one of the names in DTYPES."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ValueError(
+        f"unsupported dtype {dtype!r}; accepted: 'auto', {', '.join(DTYPES)} or the matching torch dtypes"
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    with path.open() as f:
+        return json.load(f)
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    index = model_dir / "model.safetensors.index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"no weights: neither {single} nor {index} exists")
+    shards = sorted(set(_read_json(index)["weight_map"].values()))
+    files = [model_dir / shard for shard in shards]
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"weight shard {file} listed in {index} does not exist")
+    return files
+
+
+def _stream_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                yield name, f.get_tensor(name)
+
+
+def _token_ids(value: int | list[int] | None) -> list[int]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, int) else list(value)
+
+
+def load_model(
+    model_dir: str | Path,
+    dtype: torch.dtype | str = "auto",
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    model_dir = Path(model_dir)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no model config: {config_path} does not exist")
+    hf = _read_json(config_path)
+    architecture, model_cls = resolve_architecture(hf)
+    if dtype == "auto":
+        # transformers 5 writes `dtype`; older checkpoints `torch_dtype`.
+        dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    torch_dtype = parse_dtype(dtype)
+    files = _weight_files(model_dir)
+
+    with torch.device("meta"):
+        model = model_cls(hf)
+    model = model.to(dtype=torch_dtype).to_empty(device=device)
+    model.load_weights(_stream_tensors(files))
+    for module in model.modules():  # non-persistent buffers (rotary inv_freq) are not in files
+        if hasattr(module, "reset_buffers"):
+            module.reset_buffers()
+    model.eval().requires_grad_(False)
+
+    generation_path = model_dir / "generation_config.json"
+    generation = _read_json(generation_path) if generation_path.is_file() else {}
+    eos: list[int] = []
+    for token in _token_ids(hf.get("eos_token_id")) + _token_ids(generation.get("eos_token_id")):
+        if token not in eos:
+            eos.append(token)
+    bos = hf.get("bos_token_id")
+    cfg = model.config
+    config = ModelConfig(
+        architecture=architecture,
+        model_type=hf.get("model_type", ""),
+        num_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        hidden_size=cfg.hidden_size,
+        vocab_size=cfg.vocab_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        eos_token_ids=eos,
+        bos_token_id=bos if bos is not None else generation.get("bos_token_id"),
+        dtype=torch_dtype,
+    )
+    return LoadedModel(model=model, config=config)
+
+
+__all__ = [
+    "DTYPES",
+    "LoadedModel",
+    "ModelConfig",
+    "UnsupportedModelError",
+    "load_model",
+    "parse_dtype",
+]

@@ -1,0 +1,110 @@
+"""Turns a scheduled batch into a `ForwardBatch` and runs the model over the paged KV pool.
+
+Page tables live in one tensor, a row per running request (mini-sglang's page_table), so the
+slots of every context position are computed with a few tensor ops instead of Python loops.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from bisllm_server.engine.attention import AttentionBackend
+from bisllm_server.engine.forward_batch import ForwardBatch
+from bisllm_server.engine.scheduler import ScheduledBatch
+
+
+class CausalModel(Protocol):
+    def __call__(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor: ...
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: CausalModel,
+        attn: AttentionBackend,
+        *,
+        page_size: int,
+        max_rows: int,
+        max_pages_per_seq: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.model = model
+        self.attn = attn
+        self.page_size = page_size
+        self.device = torch.device(device)
+        self.page_table = torch.zeros(max_rows, max_pages_per_seq, dtype=torch.int64)
+        self._arange = torch.arange(max_pages_per_seq * page_size, dtype=torch.int64)
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[ForwardBatch, list[int]]:
+        """Build the forward inputs; also returns the item indices whose logits are computed."""
+        input_ids: list[int] = []
+        query_lens: list[int] = []
+        kv_lens: list[int] = []
+        rows: list[int] = []
+        sampled: list[int] = []
+        logits_rows: list[int] = []
+        offset = 0
+        for i, (req, n) in enumerate(batch.items):
+            if req.num_synced_pages < len(req.pages):
+                start = req.num_synced_pages
+                self.page_table[req.row, start : len(req.pages)] = torch.tensor(
+                    req.pages[start:], dtype=torch.int64
+                )
+                req.num_synced_pages = len(req.pages)
+            begin = req.num_computed
+            input_ids.extend(req.token_ids[begin : begin + n])
+            query_lens.append(n)
+            kv_lens.append(begin + n)
+            rows.append(req.row)
+            offset += n
+            if batch.samples(req, n):
+                sampled.append(i)
+                logits_rows.append(offset - 1)
+
+        ps = self.page_size
+        q_lens = torch.tensor(query_lens, dtype=torch.int64)
+        kv = torch.tensor(kv_lens, dtype=torch.int64)
+        row_ids = torch.tensor(rows, dtype=torch.int64)
+        num_tokens = len(input_ids)
+        if num_tokens == len(query_lens):  # pure decode: one token per sequence
+            positions = kv - 1
+            token_rows = row_ids
+        else:
+            token_rows = torch.repeat_interleave(row_ids, q_lens)
+            seq_starts = torch.cumsum(q_lens, 0) - q_lens
+            within = torch.arange(num_tokens) - torch.repeat_interleave(seq_starts, q_lens)
+            positions = torch.repeat_interleave(kv - q_lens, q_lens) + within
+        out_slots = self.page_table[token_rows, positions // ps] * ps + positions % ps
+        context = self._arange[: max(kv_lens)]
+        tables = self.page_table[row_ids]
+        kv_slots = tables[:, context // ps] * ps + context % ps
+
+        to_device = self.device.type != "cpu"
+        fb = ForwardBatch(
+            input_ids=torch.tensor(input_ids, dtype=torch.int64),
+            positions=positions,
+            out_slots=out_slots,
+            query_lens=query_lens,
+            kv_lens=kv_lens,
+            kv_slots=kv_slots,
+            logits_indices=torch.tensor(logits_rows, dtype=torch.int64),
+        )
+        if to_device:
+            fb = ForwardBatch(
+                input_ids=fb.input_ids.to(self.device, non_blocking=True),
+                positions=fb.positions.to(self.device, non_blocking=True),
+                out_slots=fb.out_slots.to(self.device, non_blocking=True),
+                query_lens=query_lens,
+                kv_lens=kv_lens,
+                kv_slots=fb.kv_slots.to(self.device, non_blocking=True),
+                logits_indices=fb.logits_indices.to(self.device, non_blocking=True),
+            )
+        return fb, sampled
+
+    @torch.inference_mode()
+    def forward(self, fb: ForwardBatch) -> torch.Tensor:
+        """float32 logits [len(fb.logits_indices), vocab]."""
+        self.attn.begin(fb)
+        return self.model(fb, self.attn)

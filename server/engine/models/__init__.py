@@ -1,0 +1,54 @@
+"""Model registry: HF `architectures` / `model_type` names -> engine model classes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bisllm_server.engine.models.config import DecoderConfig, UnsupportedModelError
+from bisllm_server.engine.models.decoder import DecoderForCausalLM
+from bisllm_server.engine.models.llama import LlamaForCausalLM
+from bisllm_server.engine.models.mixtral import MixtralForCausalLM
+from bisllm_server.engine.models.qwen3_moe import Qwen3MoeForCausalLM
+from bisllm_server.engine.models.weights import CheckpointMismatchError
+
+ARCHITECTURES: dict[str, type[DecoderForCausalLM]] = {
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
+    "LlamaForCausalLM": LlamaForCausalLM,
+}
+MODEL_TYPES: dict[str, type[DecoderForCausalLM]] = {
+    "qwen3_moe": Qwen3MoeForCausalLM,
+    "mixtral": MixtralForCausalLM,
+    "llama": LlamaForCausalLM,
+}
+
+
+def resolve_architecture(hf_config: dict[str, Any]) -> tuple[str, type[DecoderForCausalLM]]:
+    """(architecture name, model class): the first supported entry of `architectures`, else
+    the class registered for `model_type`; raises UnsupportedModelError otherwise."""
+    architectures = hf_config.get("architectures") or []
+    for name in architectures:
+        if name in ARCHITECTURES:
+            return name, ARCHITECTURES[name]
+    model_type = hf_config.get("model_type")
+    if model_type in MODEL_TYPES:
+        cls = MODEL_TYPES[model_type]
+        return cls.__name__, cls
+    named = ", ".join(architectures) or "(none listed)"
+    raise UnsupportedModelError(
+        f"unsupported architecture {named} (model_type {model_type!r}); supported architectures: {', '.join(ARCHITECTURES)}"
+    )
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "MODEL_TYPES",
+    "CheckpointMismatchError",
+    "DecoderConfig",
+    "DecoderForCausalLM",
+    "LlamaForCausalLM",
+    "MixtralForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "UnsupportedModelError",
+    "resolve_architecture",
+]

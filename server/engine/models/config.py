@@ -1,0 +1,73 @@
+"""The normalised description of a decoder-only model, parsed from a HF config.json dict.
+
+Families read their own keys (and transformers' class defaults for keys a hub config may omit)
+and fill one `DecoderConfig`; the shared decoder is built from that alone, so the engine never
+needs transformers' config classes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from bisllm_server.engine.layers.rotary import rope_parameters
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture, or one of its features, is not implemented."""
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int  # dense MLP layers
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: dict[str, Any]
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    # Mixture of experts; empty `moe_layers` means a dense model.
+    moe_layers: frozenset[int] = field(default_factory=frozenset)
+    num_experts: int = 0
+    top_k: int = 0
+    moe_intermediate_size: int = 0
+    renormalize: bool = True  # renormalise the top-k router weights to sum to one
+
+
+def require(hf: dict[str, Any], key: str) -> Any:
+    if hf.get(key) is None:
+        raise ValueError(f"config.json has no {key!r}")
+    return hf[key]
+
+
+def common_fields(
+    hf: dict[str, Any], *, default_theta: float, default_eps: float, default_max_positions: int
+) -> dict[str, Any]:
+    """The DecoderConfig fields every supported family spells the same way."""
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only 'silu')")
+    hidden, heads = require(hf, "hidden_size"), require(hf, "num_attention_heads")
+    max_positions = hf.get("max_position_embeddings") or default_max_positions
+    return dict(
+        vocab_size=require(hf, "vocab_size"),
+        hidden_size=hidden,
+        num_layers=require(hf, "num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        # Explicit head_dim may differ from hidden / heads (Qwen3-MoE: 128 vs 64 on 30B-A3B).
+        head_dim=hf.get("head_dim") or hidden // heads,
+        intermediate_size=hf.get("intermediate_size") or 0,
+        rms_norm_eps=float(hf.get("rms_norm_eps", default_eps)),
+        max_position_embeddings=max_positions,
+        rope=rope_parameters({**hf, "max_position_embeddings": max_positions}, default_theta),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )

@@ -1,0 +1,159 @@
+"""One decoder-only transformer shared by every supported family.
+
+Pre-norm layers: x += attn(norm(x)); x += mlp(norm(x)), where mlp is a dense SwiGLU or a sparse
+MoE block per layer. q/k/v and gate/up are fused into single matmuls; `load_weights` fills
+their slices from the per-projection checkpoint tensors. Families subclass `DecoderForCausalLM`
+to parse their config and rename checkpoint tensors, nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bisllm_server.engine.attention import AttentionBackend
+from bisllm_server.engine.forward_batch import ForwardBatch
+from bisllm_server.engine.layers.mlp import SwiGLUMLP
+from bisllm_server.engine.layers.moe import SparseMoE
+from bisllm_server.engine.layers.norm import RMSNorm, rms_norm
+from bisllm_server.engine.layers.rotary import RotaryEmbedding, apply_rotary
+from bisllm_server.engine.models.config import DecoderConfig
+from bisllm_server.engine.models.weights import WeightMapper, load_checkpoint_weights
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.head_dim**-0.5
+        self.qkv_proj = nn.Linear(
+            cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias
+        )
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self._qk_norm_weight: torch.Tensor | None = None  # built at first use, after loading
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        qkv = self.qkv_proj(x)
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = qk.view(n, self.num_heads + self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            if self._qk_norm_weight is None:
+                # Per-head norms of q and k in one op: each head row gets its own weight row.
+                self._qk_norm_weight = torch.cat(
+                    (
+                        self.q_norm.weight.expand(self.num_heads, -1),
+                        self.k_norm.weight.expand(self.num_kv_heads, -1),
+                    )
+                )
+            qk = rms_norm(qk, self._qk_norm_weight, self.q_norm.eps)
+        # q and k share the rotation, so they are rotated as one tensor.
+        q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        out = attn.forward(
+            self.layer_id, q, k, v.view(n, self.num_kv_heads, self.head_dim), self.scale
+        )
+        return self.o_proj(out.reshape(n, self.q_size))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer_id: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_id)
+        self.mlp: nn.Module
+        if layer_id in cfg.moe_layers:
+            self.mlp = SparseMoE(
+                cfg.hidden_size,
+                cfg.moe_intermediate_size,
+                cfg.num_experts,
+                cfg.top_k,
+                cfg.renormalize,
+            )
+        else:
+            self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope, cfg.max_position_embeddings)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
+        """Hidden states after the last layer, before the final norm: [T, hidden]."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(positions, x.dtype)  # once per step, shared by all layers
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn)
+        return x
+
+
+class DecoderForCausalLM(nn.Module):
+    """Base class of the family models; built from a config.json dict."""
+
+    # (regex, replacement) pairs mapping a family's checkpoint names onto this module tree.
+    checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    @classmethod
+    def parse_config(cls, hf_config: dict[str, Any]) -> DecoderConfig:
+        raise NotImplementedError
+
+    def __init__(self, hf_config: dict[str, Any]) -> None:
+        super().__init__()
+        self.config = self.parse_config(hf_config)
+        self.model = DecoderModel(self.config)
+        # Tied models use the embedding matrix as the head; no separate parameter exists.
+        self.lm_head = (
+            None
+            if self.config.tie_word_embeddings
+            else nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
+        )
+
+    # no_grad rather than inference_mode: callers may edit the returned logits in place.
+    @torch.no_grad()
+    def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
+        """float32 logits [N, vocab] for the rows `batch.logits_indices`.
+
+        The caller runs `attn.begin(batch)` first (the model runner does), so the step's
+        attention metadata is built once, outside the model."""
+        hidden = self.model(batch.input_ids, batch.positions, attn)
+        # The final norm and the head are per row: compute them only where logits are needed.
+        hidden = self.model.norm(hidden[batch.logits_indices])
+        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, head).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy HF checkpoint tensors into the parameters (see `weights.py` for the name
+        mapping); raises CheckpointMismatchError naming unknown, misshapen or missing tensors."""
+        cfg = self.config
+        mapper = WeightMapper(self, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
+        # A tied head has no parameter of its own; a checkpoint may still carry a copy.
+        skip = ("lm_head.weight",) if self.lm_head is None else ()
+        load_checkpoint_weights(self, weights, mapper, self.checkpoint_renames, skip)
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module._qk_norm_weight = None

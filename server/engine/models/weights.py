@@ -1,0 +1,135 @@
+"""Map HF checkpoint tensors onto the fused parameters of the shared decoder.
+
+Every tensor is copied straight into its final place (a parameter or a slice of one), so
+loading never holds a second copy of the model. Names handled beyond exact matches:
+  self_attn.{q,k,v}_proj.*                  -> rows of self_attn.qkv_proj.*
+  *.{gate,up}_proj.*  (dense / shared MLPs) -> rows of *.gate_up_proj.*
+  mlp.experts.E.{gate,up,down}_proj.weight  -> w13[E] gate rows / up rows, w2[E]
+  mlp.experts.{gate_up_proj,down_proj}      -> w13 / w2 whole (transformers' fused in-memory
+                                               names, saved when save_original_format is off)
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+_EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_FUSED_EXPERTS = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
+_QKV = re.compile(r"^(.*\.self_attn)\.(q_proj|k_proj|v_proj)\.(weight|bias)$")
+_GATE_UP = re.compile(r"^(.*)\.(gate_proj|up_proj)\.(weight|bias)$")
+# Tensors some checkpoints carry that this engine recomputes instead of loading.
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+class CheckpointMismatchError(ValueError):
+    """Checkpoint tensors do not match the model's parameters (unknown, missing or misshapen)."""
+
+
+class WeightMapper:
+    """Resolves a checkpoint name to (parameter name, shard label, destination view)."""
+
+    def __init__(self, model: nn.Module, q_size: int, kv_size: int) -> None:
+        self.params = dict(model.named_parameters())
+        self.qkv_rows = {"q_proj": (0, q_size), "k_proj": (q_size, kv_size)}
+        self.qkv_rows["v_proj"] = (q_size + kv_size, kv_size)
+
+    def resolve(self, name: str) -> tuple[str, str, torch.Tensor] | None:
+        if name in self.params:
+            return name, "all", self.params[name].data
+        if m := _EXPERT.match(name):
+            prefix, expert, proj = m.group(1), int(m.group(2)), m.group(3)
+            if proj == "down_proj":
+                return self._slice(f"{prefix}.w2", f"{expert}.{proj}", expert)
+            w13 = self.params.get(f"{prefix}.w13")
+            half = 0 if w13 is None else w13.shape[1] // 2
+            rows = slice(0, half) if proj == "gate_proj" else slice(half, 2 * half)
+            return self._slice(f"{prefix}.w13", f"{expert}.{proj}", (expert, rows))
+        if m := _FUSED_EXPERTS.match(name):
+            suffix = "w13" if m.group(2) == "gate_up_proj" else "w2"
+            return self._slice(f"{m.group(1)}.{suffix}", "all", slice(None))
+        if m := _QKV.match(name):
+            start, size = self.qkv_rows[m.group(2)]
+            pname = f"{m.group(1)}.qkv_proj.{m.group(3)}"
+            return self._slice(pname, m.group(2), slice(start, start + size))
+        if m := _GATE_UP.match(name):
+            pname = f"{m.group(1)}.gate_up_proj.{m.group(3)}"
+            half = self.params[pname].shape[0] // 2 if pname in self.params else 0
+            rows = slice(0, half) if m.group(2) == "gate_proj" else slice(half, 2 * half)
+            return self._slice(pname, m.group(2), rows)
+        return None
+
+    def shards(self, pname: str) -> set[str]:
+        """The shard labels that together fill `pname` (besides a single "all")."""
+        module = pname.rsplit(".", 2)[-2] if pname.count(".") >= 2 else ""
+        if pname.endswith((".w13", ".w2")):
+            projs = ("gate_proj", "up_proj") if pname.endswith(".w13") else ("down_proj",)
+            return {f"{e}.{p}" for e in range(self.params[pname].shape[0]) for p in projs}
+        if module == "qkv_proj":
+            return set(self.qkv_rows)
+        if module == "gate_up_proj":
+            return {"gate_proj", "up_proj"}
+        return {"all"}
+
+    def _slice(
+        self, pname: str, shard: str, index: int | slice | tuple[int, slice]
+    ) -> tuple[str, str, torch.Tensor] | None:
+        param = self.params.get(pname)
+        return None if param is None else (pname, shard, param.data[index])
+
+
+def load_checkpoint_weights(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    mapper: WeightMapper,
+    renames: Iterable[tuple[str, str]] = (),
+    skip: Iterable[str] = (),
+) -> None:
+    """Copy every (name, tensor) into place; raise CheckpointMismatchError on an unknown or
+    misshapen tensor, and after the last one if any parameter was not (fully) written."""
+    compiled = [(re.compile(pattern), repl) for pattern, repl in renames]
+    skip = set(skip)
+    loaded: dict[str, set[str]] = defaultdict(set)  # parameter -> shard labels written
+    for ckpt_name, tensor in weights:
+        if ckpt_name in skip or _IGNORED.search(ckpt_name):
+            continue
+        name = ckpt_name
+        for pattern, repl in compiled:
+            name = pattern.sub(repl, name)
+        target = mapper.resolve(name)
+        if target is None:
+            raise CheckpointMismatchError(
+                f"checkpoint tensor {ckpt_name!r} does not match any parameter of {type(model).__name__}"
+            )
+        pname, shard, dest = target
+        if dest.shape != tensor.shape:
+            raise CheckpointMismatchError(
+                f"checkpoint tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, but {pname} ({shard}) expects {tuple(dest.shape)}"
+            )
+        with torch.no_grad():
+            dest.copy_(tensor)
+        loaded[pname].add(shard)
+
+    missing = []
+    for pname in mapper.params:
+        got = loaded[pname]
+        if "all" in got:
+            continue
+        absent = sorted(mapper.shards(pname) - got, key=_natural)
+        if absent:
+            shown = ", ".join(absent[:8]) + (", …" if len(absent) > 8 else "")
+            missing.append(pname if not got else f"{pname} (missing {shown})")
+    if missing:
+        more = f" … and {len(missing) - 20} more" if len(missing) > 20 else ""
+        raise CheckpointMismatchError(
+            f"checkpoint is missing weights for {len(missing)} parameter(s): {', '.join(missing[:20])}{more}"
+        )
+
+
+def _natural(label: str) -> tuple[int, str]:
+    head, _, tail = label.partition(".")
+    return (int(head), tail) if head.isdigit() else (-1, label)

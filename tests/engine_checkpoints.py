@@ -1,0 +1,211 @@
+"""Tiny random HF checkpoints (built with transformers' own classes) for the engine tests.
+
+`build_checkpoint(family, path, **overrides)` writes config.json, safetensors weights in the
+hub's per-expert layout (what `save_pretrained` produces by default), generation_config.json
+and a small byte-level BPE tokenizer. Weights are re-drawn with a larger spread than
+transformers' init, and every norm weight and bias is randomised, because unit norms and zero
+biases would let bugs in those paths go unnoticed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import string
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+SPECIAL_TOKENS = [EOS, BOS, PAD]  # ids 0, 1, 2
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+VOCAB_SIZE = 320  # model vocab; the tokenizer uses the first TOKENIZER_VOCAB ids
+TOKENIZER_VOCAB = 300
+
+_COMMON: dict[str, Any] = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    eos_token_id=0,
+    bos_token_id=1,
+    pad_token_id=2,
+    tie_word_embeddings=False,
+)
+
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    # head_dim 32 != hidden / heads = 16: catches a silent fallback to hidden / heads.
+    "qwen3_moe": dict(
+        _COMMON,
+        num_hidden_layers=3,
+        head_dim=32,
+        intermediate_size=96,
+        moe_intermediate_size=48,
+        num_experts=8,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        rms_norm_eps=1e-6,
+    ),
+    "mixtral": dict(
+        _COMMON,
+        num_hidden_layers=2,
+        intermediate_size=48,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        rms_norm_eps=1e-5,
+    ),
+    "llama": dict(
+        _COMMON,
+        num_hidden_layers=2,
+        intermediate_size=96,
+        attention_bias=True,
+        mlp_bias=True,
+        rms_norm_eps=1e-5,
+    ),
+}
+
+# name -> (family, config overrides, save_pretrained kwargs): the variants the tests cover.
+VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "qwen3_moe": ("qwen3_moe", {}, {}),
+    # Layer 1 is MoE by decoder_sparse_step=2; layer 3 would be too but is in mlp_only_layers.
+    "qwen3_moe_mixed": (
+        "qwen3_moe",
+        dict(
+            num_hidden_layers=4,
+            decoder_sparse_step=2,
+            mlp_only_layers=[3],
+            norm_topk_prob=False,
+            tie_word_embeddings=True,
+        ),
+        {},
+    ),
+    "qwen3_moe_sharded": ("qwen3_moe", {}, dict(max_shard_size="100KB")),
+    "mixtral": ("mixtral", {}, {}),
+    "llama": ("llama", {}, {}),
+    "llama3_rope": (
+        "llama",
+        dict(
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500_000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=64,  # x factor = max_position_embeddings
+            ),
+            attention_bias=False,
+            mlp_bias=False,
+        ),
+        {},
+    ),
+}
+
+
+def _classes(family: str) -> tuple[type, type]:
+    import transformers
+
+    names = {
+        "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+        "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    }
+    if family not in names:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(names)}")
+    config_name, model_name = names[family]
+    return getattr(transformers, config_name), getattr(transformers, model_name)
+
+
+def _training_text() -> list[str]:
+    """A few hundred lines of Python from the standard library: always there, no download."""
+    lines: list[str] = []
+    for module in (textwrap, string, fnmatch):
+        lines += [line for line in Path(module.__file__).read_text().splitlines() if line.strip()]
+    return lines[:600]
+
+
+@functools.cache
+def build_tokenizer() -> Any:
+    """Byte-level BPE (256 byte symbols + specials + merges) as a PreTrainedTokenizerFast."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_text(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD
+    )
+    # A minimal plain-text chat template so chat endpoints can render prompts in tests.
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@torch.no_grad()
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):  # input/post-attention/final norms and q_norm/k_norm
+            values = 0.5 + torch.rand(param.shape, generator=gen)
+        elif name.endswith("bias"):
+            values = 0.1 * torch.randn(param.shape, generator=gen)
+        elif "embed_tokens" in name:
+            values = 0.2 * torch.randn(param.shape, generator=gen)
+        else:
+            # ~1/sqrt(fan_in): logits spread out enough that greedy picks are never near-ties.
+            values = torch.randn(param.shape, generator=gen) / param.shape[-1] ** 0.5
+        param.copy_(values)
+
+
+def build_checkpoint(
+    family: str,
+    path: Path,
+    *,
+    seed: int = 0,
+    max_shard_size: str | None = None,
+    **overrides: Any,
+) -> Path:
+    """Write a tiny random `family` checkpoint ("qwen3_moe", "mixtral", "llama") into `path`.
+
+    `overrides` are config fields; `max_shard_size` (e.g. "100KB") writes a sharded checkpoint
+    with model.safetensors.index.json."""
+    config_cls, model_cls = _classes(family)
+    config = config_cls(**{**FAMILY_DEFAULTS[family], **overrides})
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    _randomize(model, seed)
+    path = Path(path)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    build_tokenizer().save_pretrained(path)
+    return path
+
+
+def build_variant(name: str, path: Path) -> Path:
+    family, overrides, save = VARIANTS[name]
+    return build_checkpoint(family, path, **overrides, **save)
+
+
+def reference_model(path: Path | str) -> Any:
+    """The transformers model in fp32 with eager attention and eager experts."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=torch.float32,
+        attn_implementation="eager",
+        experts_implementation="eager",
+    )
+    return model.eval()
