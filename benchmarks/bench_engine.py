@@ -3,8 +3,9 @@ uncached TTFT, and Python overhead per scheduler step.
 
     .venv/bin/python benchmarks/bench_engine.py [--repeats 3] [--json results.json]
 
-The model is a tiny random Qwen3-MoE built with transformers (8 experts, top-2), saved as an
-HF checkpoint and loaded by both stacks, so both run the same weights in fp32.
+Models: tiny random Qwen3-MoE checkpoints built with transformers (see SHAPES), loaded by both
+stacks, so both run the same weights in fp32 on the same requests (see WORKLOADS). Throughput
+counts only the tokens each request asked for.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import platform
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -64,32 +66,68 @@ def prompts_for(batch: int, length: int, seed: int) -> list[list[int]]:
     return torch.randint(1, 4000, (batch, length), generator=g).tolist()
 
 
-def engine_throughput(engine: LLMEngine, batch: int, seed: int) -> float:
-    prompts = prompts_for(batch, PROMPT_LEN, seed)
-    params = SamplingParams(max_tokens=OUTPUT_LEN, temperature=0.0, ignore_eos=True)
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @property
+    def useful_tokens(self) -> int:
+        return sum(self.output_lens)
+
+
+def uniform_workload(batch: int, seed: int) -> Workload:
+    """Equal prompts and outputs: `generate`'s best case (no padding, nobody finishes early)."""
+    return Workload(prompts_for(batch, PROMPT_LEN, seed), [OUTPUT_LEN] * batch)
+
+
+def mixed_workload(batch: int, seed: int) -> Workload:
+    """Prompt and output lengths spread over 16-256 tokens, as in real traffic."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_lens = torch.randint(16, 257, (batch,), generator=g).tolist()
+    output_lens = torch.randint(16, 257, (batch,), generator=g).tolist()
+    prompts = [torch.randint(1, 4000, (n,), generator=g).tolist() for n in prompt_lens]
+    return Workload(prompts, output_lens)
+
+
+WORKLOADS = {"uniform": uniform_workload, "mixed": mixed_workload}
+
+
+def engine_throughput(engine: LLMEngine, work: Workload) -> float:
+    params = [
+        SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in work.output_lens
+    ]
     engine.reset_prefix_cache()
     start = time.perf_counter()
-    outs = engine.generate(prompts, params, detokenize=False)
+    outs = engine.generate(work.prompts, params, detokenize=False)
     elapsed = time.perf_counter() - start
-    assert all(len(o.token_ids) == OUTPUT_LEN for o in outs)
-    return batch * OUTPUT_LEN / elapsed
+    assert [len(o.token_ids) for o in outs] == work.output_lens
+    return work.useful_tokens / elapsed
 
 
 @torch.inference_mode()
-def transformers_throughput(model, batch: int, seed: int) -> float:
-    ids = torch.tensor(prompts_for(batch, PROMPT_LEN, seed))
+def transformers_throughput(model, work: Workload) -> float:
+    """One `generate` call: prompts left-padded to the longest, every sequence decoded to the
+    longest requested output (it cannot stop one row early); only requested tokens count."""
+    width = max(map(len, work.prompts))
+    ids = torch.zeros(len(work.prompts), width, dtype=torch.int64)
+    mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(work.prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt)
+        mask[row, width - len(prompt) :] = 1
+    new_tokens = max(work.output_lens)
     start = time.perf_counter()
     out = model.generate(
         input_ids=ids,
-        attention_mask=torch.ones_like(ids),
+        attention_mask=mask,
         do_sample=False,
-        max_new_tokens=OUTPUT_LEN,
-        min_new_tokens=OUTPUT_LEN,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
         pad_token_id=0,
     )
     elapsed = time.perf_counter() - start
-    assert out.shape[1] == PROMPT_LEN + OUTPUT_LEN
-    return batch * OUTPUT_LEN / elapsed
+    assert out.shape[1] == width + new_tokens
+    return work.useful_tokens / elapsed
 
 
 def ttft(engine: LLMEngine, prompt: list[int]) -> float:
@@ -121,33 +159,38 @@ def step_overhead(engine: LLMEngine, batch: int) -> dict[str, float]:
     }
 
 
-def throughput_table(path: Path, batches: list[int], repeats: int) -> tuple[LLMEngine, list]:
+def throughput_table(
+    path: Path, batches: list[int], repeats: int, workloads: list[str]
+) -> tuple[LLMEngine, list]:
     from transformers import AutoModelForCausalLM
 
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     engine = LLMEngine(
         EngineConfig(model=path, dtype="float32", max_batch_size=64, max_num_tokens=4096)
     )
-    engine_throughput(engine, 8, seed=1234)  # warm-up both
-    transformers_throughput(reference, 8, seed=1234)
+    engine_throughput(engine, uniform_workload(8, seed=1234))  # warm-up both
+    transformers_throughput(reference, uniform_workload(8, seed=1234))
     rows = []
-    for batch in batches:
-        # Interleave the two stacks so machine noise hits both alike.
-        ours, theirs = [], []
-        for r in range(repeats):
-            ours.append(engine_throughput(engine, batch, seed=r))
-            theirs.append(transformers_throughput(reference, batch, seed=r))
-        row = {
-            "batch": batch,
-            "bisllm_tok_s": statistics.median(ours),
-            "transformers_tok_s": statistics.median(theirs),
-        }
-        row["ratio"] = row["bisllm_tok_s"] / row["transformers_tok_s"]
-        rows.append(row)
-        print(
-            f"  batch {batch:>3}: bisllm {row['bisllm_tok_s']:8.1f} tok/s   "
-            f"transformers {row['transformers_tok_s']:8.1f} tok/s   ratio {row['ratio']:.2f}x"
-        )
+    for name in workloads:
+        for batch in batches:
+            # Interleave the two stacks so machine noise hits both alike.
+            ours, theirs = [], []
+            for r in range(repeats):
+                work = WORKLOADS[name](batch, seed=r)
+                ours.append(engine_throughput(engine, work))
+                theirs.append(transformers_throughput(reference, work))
+            row = {
+                "workload": name,
+                "batch": batch,
+                "bisllm_tok_s": statistics.median(ours),
+                "transformers_tok_s": statistics.median(theirs),
+            }
+            row["ratio"] = row["bisllm_tok_s"] / row["transformers_tok_s"]
+            rows.append(row)
+            print(
+                f"  {name:>7} batch {batch:>3}: bisllm {row['bisllm_tok_s']:8.1f} tok/s   "
+                f"transformers {row['transformers_tok_s']:8.1f} tok/s   ratio {row['ratio']:.2f}x"
+            )
     return engine, rows
 
 
@@ -156,6 +199,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -167,12 +211,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         engines = {}
         for shape in args.shapes.split(","):
-            print(
-                f"{shape} ({SHAPES[shape]}), {PROMPT_LEN}-token prompts, {OUTPUT_LEN} new tokens:"
-            )
+            print(f"{shape} ({SHAPES[shape]}):")
             path = build_tiny_qwen3_moe(Path(tmp) / shape, shape)
             engines[shape], results["throughput"][shape] = throughput_table(
-                path, batches, args.repeats
+                path, batches, args.repeats, args.workloads.split(",")
             )
         engine = next(iter(engines.values()))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 from engine_fakes import EOS, ChecksumModel, checksum_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -324,3 +325,30 @@ def test_rollback_forgets_kv_past_the_new_end():
     assert req.output_ids == expected
     with pytest.raises(ValueError, match="cannot roll back"):
         engine.scheduler.rollback(req, 1)  # finished: its pages are gone, nothing to keep
+
+
+def test_generate_with_one_bad_prompt_queues_nothing():
+    engine = make_engine()
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        engine.generate([[1, 2, 3], [VOCAB + 1]], greedy(4))
+    engine.step()
+    assert not engine.has_unfinished_requests()
+    assert engine.allocator.num_free == engine.num_kv_pages
+    assert not engine._collect
+
+
+def test_a_request_whose_constraints_allow_no_token_ends_alone():
+    def ban_everything(output_ids, logits):
+        return torch.full_like(logits, float("-inf"))
+
+    engine = make_engine()
+    dead = SamplingParams(max_tokens=4, temperature=0.0, logits_processors=[ban_everything])
+    engine.add_request([1, 2, 3], dead, request_id="dead")
+    engine.add_request([1, 2, 3], greedy(4, ignore_eos=True), request_id="fine")
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = (out.finish_reason, out.num_output_tokens)
+    assert finished == {"dead": ("abort", 0), "fine": ("length", 4)}
+    assert_pages_accounted(engine)

@@ -25,7 +25,13 @@ from bisllm_server.engine.loader import ModelConfig, load_model
 from bisllm_server.engine.model_runner import CausalModel, ModelRunner
 from bisllm_server.engine.radix_cache import RadixCache
 from bisllm_server.engine.request import CompletionOutput, Request, RequestOutput
-from bisllm_server.engine.sampling import Sampler, SamplingParams, SamplingRow
+from bisllm_server.engine.sampling import (
+    NoAllowedTokenError,
+    SampleOutput,
+    Sampler,
+    SamplingParams,
+    SamplingRow,
+)
 from bisllm_server.engine.scheduler import ScheduledBatch, Scheduler
 from bisllm_server.engine.stats import EngineStats
 from bisllm_server.kv_events import KVEventPublisher
@@ -175,8 +181,14 @@ class LLMEngine:
             logits = self.runner.forward(fb)
             forward_seconds = time.perf_counter() - forward_start
             rows = [self._sampling_row(batch.items[i][0]) for i in sampled]
-            result = self.sampler.sample(logits, rows) if sampled else None
+            result, dead = self._sample(logits, rows)
             self.scheduler.after_forward(batch)
+            for j in dead:
+                req = batch.items[sampled[j]][0]
+                req.finish_reason, req.stop_reason = "abort", "no token allowed by its constraints"
+                self._finish(req)
+                outputs.append(self._output(req, 0, ""))
+            sampled = [i for j, i in enumerate(sampled) if j not in dead]
             if result is not None:
                 for slot, i in enumerate(sampled):
                     req = batch.items[i][0]
@@ -194,6 +206,21 @@ class LLMEngine:
         )
         return outputs
 
+    def _sample(
+        self, logits: torch.Tensor, rows: list[SamplingRow]
+    ) -> tuple[SampleOutput | None, set[int]]:
+        """Sample every row; rows whose constraints allow no token are reported, not fatal."""
+        if not rows:
+            return None, set()
+        try:
+            return self.sampler.sample(logits, rows), set()
+        except NoAllowedTokenError as exc:
+            dead = set(exc.rows)
+        keep = [j for j in range(len(rows)) if j not in dead]
+        if not keep:
+            return None, dead
+        return self.sampler.sample(logits[keep], [rows[j] for j in keep]), dead
+
     def generate(
         self,
         prompts: Sequence[str | Sequence[int]],
@@ -207,11 +234,18 @@ class LLMEngine:
             params = [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise RequestError(f"got {len(params)} sampling params for {len(prompts)} prompts")
-        ids = []
-        for prompt, sp in zip(prompts, params, strict=True):
-            rid = f"gen-{next(self._ids)}"
-            self._collect[rid] = None
-            ids.append(self.add_request(prompt, sp, request_id=rid, detokenize=detokenize))
+        ids: list[str] = []
+        try:
+            for prompt, sp in zip(prompts, params, strict=True):
+                ids.append(f"gen-{next(self._ids)}")
+                self._collect[ids[-1]] = None
+                self.add_request(prompt, sp, request_id=ids[-1], detokenize=detokenize)
+        except RequestError:
+            # All or nothing: a bad prompt leaves none of this call's requests queued.
+            for queued in ids:
+                self.abort(queued)
+                self._collect.pop(queued)
+            raise
         remaining = set(ids)
         bar = None
         if progress:

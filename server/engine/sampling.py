@@ -24,6 +24,14 @@ _TOP_P_FIRST_K = 256
 _CDF_BLOCK = 1024  # inverse-CDF block width; see _inverse_cdf
 
 
+class NoAllowedTokenError(ValueError):
+    """Banned ids or logits processors masked every token of some rows (listed in `rows`)."""
+
+    def __init__(self, rows: list[int]) -> None:
+        super().__init__(f"batch rows {rows} have no allowed token (all logits -inf)")
+        self.rows = rows
+
+
 class SamplingParamsError(ValueError):
     """A sampling parameter is out of range; the message names the field, value and expectation."""
 
@@ -399,7 +407,7 @@ class Sampler:
             # loudly beats emitting an arbitrary token.
             dead = (x.amax(dim=-1) == -math.inf).nonzero().flatten().tolist()
             if dead:
-                raise ValueError(f"batch rows {dead} have no allowed token (all logits -inf)")
+                raise NoAllowedTokenError(dead)
         apply_penalties(x, rows)
         tokens = self._choose(x, rows)
         logprobs, top = self._logprobs(logits, tokens, rows)
