@@ -1,8 +1,10 @@
-"""Shared helpers: build config.yaml texts and validate them."""
+"""Shared helpers: build config.yaml texts and validate them; tiny engine checkpoints."""
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -51,3 +53,48 @@ def valid_spec():
     result = check(base_config())
     assert result.ok, result.report()
     return result.spec
+
+
+# -- engine fixtures (torch is imported lazily so the packaging tests stay light) ----------
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """The test models are tiny: a second intra-op thread only adds sync overhead, and on a
+    busy 2-core machine its spin-waits make the engine tests several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """Tiny random HF checkpoint of a variant in engine_checkpoints.VARIANTS, built once."""
+    from engine_checkpoints import build_variant
+
+    built: dict[str, Path] = {}
+
+    def get(variant: str) -> Path:
+        if variant not in built:
+            built[variant] = build_variant(variant, tmp_path_factory.mktemp(variant))
+        return built[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_model(checkpoint: Callable[[str], Path]) -> Callable[[str], Any]:
+    """The transformers reference model (fp32, eager) of a variant, loaded once."""
+    from engine_checkpoints import reference_model
+
+    models: dict[str, Any] = {}
+
+    def get(variant: str) -> Any:
+        if variant not in models:
+            models[variant] = reference_model(checkpoint(variant))
+        return models[variant]
+
+    return get

@@ -13,28 +13,21 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner, Result
-from engine_checkpoints import VOCAB_SIZE, build_variant, reference_model
+from engine_checkpoints import VOCAB_SIZE, reference_model
 from transformers import AutoTokenizer
 
 from bisllm_truss.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPT_IDS = [5, 6, 7]
 CLI_ARGS = ["--prompt-ids", "5,6,7", "--max-tokens", "12", "--ignore-eos", "--json"]
 SUPPORTED = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "LlamaForCausalLM")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny model: one intra-op thread is faster, and much faster on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_variant("qwen3_moe", tmp_path_factory.mktemp("qwen3_moe"))
+def model_dir(checkpoint) -> Path:
+    return checkpoint("qwen3_moe")
 
 
 @pytest.fixture(scope="module")

@@ -22,13 +22,14 @@ from typing import Any
 
 import pytest
 import torch
-from engine_checkpoints import build_variant, reference_model
 
 from bisllm_server.engine.config import EngineConfig
 from bisllm_server.engine.engine import LLMEngine
 from bisllm_server.engine.request import RequestOutput
 from bisllm_server.engine.sampling import SamplingParams
 from bisllm_server.engine.stats import EngineStats
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FAMILIES = ["qwen3_moe", "mixtral", "llama"]
 WITH_MIXED = [*FAMILIES, "qwen3_moe_mixed"]
@@ -76,40 +77,6 @@ def params(mode: str, **overrides: Any) -> SamplingParams:
 
 
 # -- fixtures -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The models are tiny: a second intra-op thread only adds sync overhead, and on a busy
-    machine its spin-waits make these tests several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    built: dict[str, Path] = {}
-
-    def get(variant: str) -> Path:
-        if variant not in built:
-            built[variant] = build_variant(variant, tmp_path_factory.mktemp(variant))
-        return built[variant]
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def hf_model(checkpoint: Callable[[str], Path]) -> Callable[[str], Any]:
-    models: dict[str, Any] = {}
-
-    def get(variant: str) -> Any:
-        if variant not in models:
-            models[variant] = reference_model(checkpoint(variant))
-        return models[variant]
-
-    return get
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,10 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from engine_checkpoints import VARIANTS, build_variant, reference_model
+from engine_checkpoints import VARIANTS
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -24,23 +23,13 @@ from bisllm_server.engine.models import (
     UnsupportedModelError,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 FAMILY_VARIANTS = ["qwen3_moe", "mixtral", "llama"]
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    built: dict[str, Path] = {}
-
-    def get(variant: str) -> Path:
-        if variant not in built:
-            built[variant] = build_variant(variant, tmp_path_factory.mktemp(variant))
-        return built[variant]
-
-    return get
 
 
 @pytest.fixture(scope="session")
@@ -51,18 +40,6 @@ def engine_model(checkpoint: Callable[[str], Path]) -> Callable[[str], LoadedMod
         if variant not in loaded:
             loaded[variant] = load_model(checkpoint(variant))
         return loaded[variant]
-
-    return get
-
-
-@pytest.fixture(scope="session")
-def hf_model(checkpoint: Callable[[str], Path]) -> Callable[[str], Any]:
-    models: dict[str, Any] = {}
-
-    def get(variant: str) -> Any:
-        if variant not in models:
-            models[variant] = reference_model(checkpoint(variant))
-        return models[variant]
 
     return get
 

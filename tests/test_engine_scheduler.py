@@ -16,6 +16,8 @@ from bisllm_server.engine.engine import LLMEngine, RequestError
 from bisllm_server.engine.sampling import SamplingParams
 from bisllm_server.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 VOCAB = 64
 
 

@@ -22,15 +22,7 @@ from bisllm_server.engine.sampling import (
     filter_probs_,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    # Tiny tensors gain nothing from intra-op threads, and spinning OpenMP workers make these
-    # tests several times slower on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def row(params: SamplingParams, prompt=(), output=(), **kw) -> SamplingRow:
