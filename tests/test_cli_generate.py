@@ -180,8 +180,9 @@ def test_missing_model_dir_is_a_usage_error(tmp_path):
 
 def test_console_script_end_to_end(model_dir, greedy_reference):
     script = Path(sys.executable).with_name("bisllm")
-    if not script.is_file():
-        pytest.skip(f"no bisllm console script next to {sys.executable}")
+    assert script.is_file(), (
+        f"the package is installed with its console script next to {sys.executable}"
+    )
     proc = subprocess.run(
         [str(script), "generate", str(model_dir), *CLI_ARGS],
         capture_output=True,
