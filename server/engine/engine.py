@@ -361,10 +361,17 @@ class LLMEngine:
         if req.num_output_tokens < params.min_tokens:
             eos = () if params.ignore_eos else tuple(self.eos_token_ids)
             banned = eos + tuple(params.stop_token_ids)
+        # Copying the output ids costs O(length) per step: only penalties and processors read them.
+        needs_history = (
+            params.logits_processors
+            or params.repetition_penalty != 1.0
+            or params.presence_penalty != 0.0
+            or params.frequency_penalty != 0.0
+        )
         return SamplingRow(
             params=params,
             prompt_ids=req.prompt_ids,
-            output_ids=req.output_ids,
+            output_ids=req.output_ids if needs_history else (),
             generator=req.generator,
             banned_token_ids=banned,
         )
