@@ -81,26 +81,16 @@ class ModelRunner:
         tables = self.page_table[row_ids]
         kv_slots = tables[:, context // ps] * ps + context % ps
 
-        to_device = self.device.type != "cpu"
+        device = self.device  # .to() is a no-op on CPU
         fb = ForwardBatch(
-            input_ids=torch.tensor(input_ids, dtype=torch.int64),
-            positions=positions,
-            out_slots=out_slots,
+            input_ids=torch.tensor(input_ids, dtype=torch.int64).to(device, non_blocking=True),
+            positions=positions.to(device, non_blocking=True),
+            out_slots=out_slots.to(device, non_blocking=True),
             query_lens=query_lens,
             kv_lens=kv_lens,
-            kv_slots=kv_slots,
-            logits_indices=torch.tensor(logits_rows, dtype=torch.int64),
+            kv_slots=kv_slots.to(device, non_blocking=True),
+            logits_indices=torch.tensor(logits_rows, dtype=torch.int64).to(device),
         )
-        if to_device:
-            fb = ForwardBatch(
-                input_ids=fb.input_ids.to(self.device, non_blocking=True),
-                positions=fb.positions.to(self.device, non_blocking=True),
-                out_slots=fb.out_slots.to(self.device, non_blocking=True),
-                query_lens=query_lens,
-                kv_lens=kv_lens,
-                kv_slots=fb.kv_slots.to(self.device, non_blocking=True),
-                logits_indices=fb.logits_indices.to(self.device, non_blocking=True),
-            )
         return fb, sampled
 
     @torch.inference_mode()
