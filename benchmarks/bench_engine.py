@@ -2,9 +2,10 @@
 uncached TTFT, and Python overhead per scheduler step.
 
     .venv/bin/python benchmarks/bench_engine.py [--repeats 3] [--json results.json]
+    python benchmarks/bench_engine.py --device cuda --dtype bfloat16   # on a GPU machine
 
 Models: tiny random Qwen3-MoE checkpoints built with transformers (see SHAPES), loaded by both
-stacks, so both run the same weights in fp32 on the same requests (see WORKLOADS). Throughput
+stacks, so both run the same weights in the same dtype (fp32 by default) on the same requests (see WORKLOADS). Throughput
 counts only the tokens each request asked for.
 """
 
@@ -105,6 +106,11 @@ def engine_throughput(engine: LLMEngine, work: Workload) -> float:
     return work.useful_tokens / elapsed
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.inference_mode()
 def transformers_throughput(model, work: Workload) -> float:
     """One `generate` call: prompts left-padded to the longest, every sequence decoded to the
@@ -116,6 +122,8 @@ def transformers_throughput(model, work: Workload) -> float:
         ids[row, width - len(prompt) :] = torch.tensor(prompt)
         mask[row, width - len(prompt) :] = 1
     new_tokens = max(work.output_lens)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    synchronize(model.device)
     start = time.perf_counter()
     out = model.generate(
         input_ids=ids,
@@ -125,6 +133,7 @@ def transformers_throughput(model, work: Workload) -> float:
         min_new_tokens=new_tokens,
         pad_token_id=0,
     )
+    synchronize(model.device)
     elapsed = time.perf_counter() - start
     assert out.shape[1] == width + new_tokens
     return work.useful_tokens / elapsed
@@ -160,13 +169,21 @@ def step_overhead(engine: LLMEngine, batch: int) -> dict[str, float]:
 
 
 def throughput_table(
-    path: Path, batches: list[int], repeats: int, workloads: list[str]
+    path: Path, batches: list[int], repeats: int, workloads: list[str], device: str, dtype: str
 ) -> tuple[LLMEngine, list]:
     from transformers import AutoModelForCausalLM
 
-    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    reference = reference.to(device).eval()
     engine = LLMEngine(
-        EngineConfig(model=path, dtype="float32", max_batch_size=64, max_num_tokens=4096)
+        EngineConfig(
+            model=path,
+            dtype=dtype,
+            device=device,
+            max_batch_size=64,
+            max_num_tokens=4096,
+            num_kv_pages=4096,  # 64 sequences of up to 1024 tokens, whatever the device
+        )
     )
     engine_throughput(engine, uniform_workload(8, seed=1234))  # warm-up both
     transformers_throughput(reference, uniform_workload(8, seed=1234))
@@ -200,12 +217,16 @@ def main() -> None:
     parser.add_argument("--batches", default="1,8,32")
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     results: dict = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+        "dtype": args.dtype,
         "throughput": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -214,7 +235,7 @@ def main() -> None:
             print(f"{shape} ({SHAPES[shape]}):")
             path = build_tiny_qwen3_moe(Path(tmp) / shape, shape)
             engines[shape], results["throughput"][shape] = throughput_table(
-                path, batches, args.repeats, args.workloads.split(",")
+                path, batches, args.repeats, args.workloads.split(","), args.device, args.dtype
             )
         engine = next(iter(engines.values()))
 

@@ -280,11 +280,17 @@ def test_bf16_load_close_to_fp32(variant, checkpoint, engine_model):
 
 
 @pytest.mark.parametrize(
-    ("tokens", "experts", "max_waste"),
-    [(37, 8, 4.0), (37, 8, 2.0), (37, 8, 0.0), (2, 16, 4.0)],
-    ids=["dense", "padded", "grouped", "gathered"],
+    ("tokens", "experts", "max_waste", "one_hot_max"),
+    [
+        (37, 8, 4.0, 1 << 16),
+        (37, 8, 2.0, 1 << 16),
+        (37, 8, 2.0, 0),
+        (37, 8, 0.0, 1 << 16),
+        (2, 16, 4.0, 1 << 16),
+    ],
+    ids=["dense", "padded", "padded_sorted_ranks", "grouped", "gathered"],
 )
-def test_torch_experts_backend_matches_naive_reference(tokens, experts, max_waste):
+def test_torch_experts_backend_matches_naive_reference(tokens, experts, max_waste, one_hot_max):
     gen = torch.Generator().manual_seed(0)
     hidden, inter, top_k = 24, 16, 3
     x = torch.randn(tokens, hidden, generator=gen)
@@ -299,9 +305,10 @@ def test_torch_experts_backend_matches_naive_reference(tokens, experts, max_wast
             e = int(ids[t, j])
             gate, up = (w13[e] @ x[t]).chunk(2)
             expected[t] += weights[t, j] * (w2[e] @ (torch.nn.functional.silu(gate) * up))
-    got = TorchExpertsBackend(max_waste).forward(x, ids, weights, w13, w2)
+    backend = TorchExpertsBackend(max_waste, one_hot_max=one_hot_max)
+    got = backend.forward(x, ids, weights, w13, w2)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    empty = TorchExpertsBackend(max_waste).forward(x[:0], ids[:0], weights[:0], w13, w2)
+    empty = backend.forward(x[:0], ids[:0], weights[:0], w13, w2)
     assert empty.shape == (0, hidden)
 
 

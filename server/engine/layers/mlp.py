@@ -8,8 +8,12 @@ from torch import nn
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for `gate_up` = [..., gate | up]."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    # silu over the strided half of a 3-D tensor is up to 3x slower on CPU (bf16 worst) than
+    # over a packed copy; the copy then doubles as the output buffer.
+    out = gate.clone(memory_format=torch.contiguous_format)
+    return F.silu(out, inplace=True).mul_(up)
 
 
 class SwiGLUMLP(nn.Module):

@@ -56,14 +56,20 @@ class TorchExpertsBackend(ExpertsBackend):
       dense   - every expert runs on every token and the routing weights zero the unpicked
                 results (E <= max_waste * k, e.g. Mixtral's 8 experts / top-2), for batches
                 of up to `dense_max_tokens` tokens (decode-sized; bounds the memory);
-      padded  - (token, slot) pairs are sorted by expert and each group is padded to the
-                largest one, so all experts run as one batched matmul pair;
+      padded  - each (token, slot) pair takes the next free row of its expert's group, and
+                every group is padded to the largest one, so all experts run as one batched
+                matmul pair; each token then sums its k rows;
       grouped - one matmul pair per expert that received tokens (heavily skewed routing).
     """
 
-    def __init__(self, max_waste: float = 4.0, dense_max_tokens: int = 256) -> None:
+    def __init__(
+        self, max_waste: float = 4.0, dense_max_tokens: int = 256, one_hot_max: int = 1 << 16
+    ) -> None:
         self.max_waste = max_waste
         self.dense_max_tokens = dense_max_tokens
+        # Up to this many (pair, expert) cells, each pair's rank within its expert comes from a
+        # cumulative one-hot count (a few cheap ops); beyond it, from a sort (bounded memory).
+        self.one_hot_max = one_hot_max
 
     def forward(
         self,
@@ -82,29 +88,53 @@ class TorchExpertsBackend(ExpertsBackend):
             return self._dense(x, topk_ids, topk_weights, w13, w2)
 
         flat_ids = topk_ids.flatten()
+        rank, counts = self._ranks(flat_ids, num_experts)
+        width = int(counts.max())  # host sync: sizes the padded groups
+        if num_experts * width > self.max_waste * flat_ids.numel():
+            return self._grouped(x, flat_ids, counts, topk_weights, w13, w2)
+        # Pair p = (token p // k, slot p % k) goes to row `rank` of its expert's group.
+        rows = flat_ids * width + rank
+        pairs_x = x.repeat_interleave(top_k, dim=0)
+        padded = x.new_zeros(num_experts * width, x.shape[1]).index_copy_(0, rows, pairs_x)
+        h = silu_and_mul(torch.bmm(padded.view(num_experts, width, -1), w13.transpose(1, 2)))
+        y = torch.bmm(h, w2.transpose(1, 2)).view(num_experts * width, -1).index_select(0, rows)
+        return (y.view(*topk_ids.shape, -1) * topk_weights[:, :, None]).sum(1)
+
+    def _ranks(self, flat_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rank of each pair among its expert's pairs, in pair order; pairs per expert)."""
+        if flat_ids.numel() * num_experts <= self.one_hot_max:
+            seen = F.one_hot(flat_ids, num_experts).cumsum_(0)  # [P, E] running counts
+            return seen.gather(1, flat_ids[:, None]).squeeze_(1) - 1, seen[-1]
+        order = torch.argsort(flat_ids, stable=True)
+        counts = torch.bincount(flat_ids, minlength=num_experts)
+        group_start = torch.cumsum(counts, 0) - counts
+        sorted_ids = flat_ids[order]
+        rank = torch.empty_like(flat_ids)
+        rank[order] = (
+            torch.arange(flat_ids.numel(), device=flat_ids.device) - group_start[sorted_ids]
+        )
+        return rank, counts
+
+    @staticmethod
+    def _grouped(
+        x: torch.Tensor,
+        flat_ids: torch.Tensor,
+        counts: torch.Tensor,
+        topk_weights: torch.Tensor,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+    ) -> torch.Tensor:
         # Stable sort keeps each expert's tokens in token order, like the reference loop.
         order = torch.argsort(flat_ids, stable=True)
-        token_ids = order // top_k
-        counts = torch.bincount(flat_ids, minlength=num_experts)
-        width = int(counts.max())  # host sync: sizes the padded groups
+        token_ids = order // topk_weights.shape[1]
         x_sorted = x[token_ids]
-        if num_experts * width <= self.max_waste * flat_ids.numel():
-            sorted_ids = flat_ids[order]
-            group_start = torch.cumsum(counts, 0) - counts
-            rank = torch.arange(flat_ids.numel(), device=x.device) - group_start[sorted_ids]
-            rows = sorted_ids * width + rank  # row of each pair in the [E * width] layout
-            padded = x.new_zeros(num_experts * width, x.shape[1]).index_copy_(0, rows, x_sorted)
-            h = silu_and_mul(torch.bmm(padded.view(num_experts, width, -1), w13.transpose(1, 2)))
-            y = torch.bmm(h, w2.transpose(1, 2)).view(num_experts * width, -1)[rows]
-        else:
-            outs, start = [], 0
-            for expert, count in enumerate(counts.tolist()):
-                if count:
-                    xs = x_sorted[start : start + count]
-                    outs.append(F.linear(silu_and_mul(F.linear(xs, w13[expert])), w2[expert]))
-                    start += count
-            y = torch.cat(outs)
-        y = y * topk_weights.flatten()[order, None]
+        outs, start = [], 0
+        for expert, count in enumerate(counts.tolist()):
+            if count:
+                xs = x_sorted[start : start + count]
+                outs.append(F.linear(silu_and_mul(F.linear(xs, w13[expert])), w2[expert]))
+                start += count
+        y = torch.cat(outs) * topk_weights.flatten()[order, None]
         return torch.zeros_like(x).index_add_(0, token_ids, y)
 
     @staticmethod
