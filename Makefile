@@ -6,8 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_CONFIG := examples/deepseek-v3.1-b200.yaml
 DEMO_OUT := out/deepseek-v3.1
+TINY_MOE := examples/bisllm-tiny-moe
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test lint clean default-model
 
 # torch is pinned first so pip takes the CPU wheel instead of a multi-GB CUDA build.
 $(BIN)/.installed: pyproject.toml
@@ -19,8 +20,12 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# Validate → migrate → package → check the truss dir with the real truss library.
+# Generate with the embedded default model, then validate → migrate → package → check the truss
+# dir with the real truss library.
 demo: install
+	$(BIN)/bisllm validate $(TINY_MOE)/config.yaml
+	$(BIN)/bisllm generate $(TINY_MOE)/checkpoint --prompt 'def is_palindrome(text):' --max-tokens 48
+	$(BIN)/bisllm generate $(TINY_MOE)/checkpoint --chat 'What does `json.dumps` do?' --max-tokens 64
 	$(BIN)/bisllm validate $(DEMO_CONFIG)
 	$(BIN)/bisllm migrate examples/v1-llama-3.3-70b-engine-builder.yaml --dry-run
 	mkdir -p out
@@ -36,6 +41,13 @@ lint: install
 
 test: lint
 	$(BIN)/pytest -q
+
+# Retrain the embedded default model from scratch (~55 minutes on 2 cores), evaluate it and
+# record its checksums; see examples/bisllm-tiny-moe/README.md.
+default-model: install
+	cd $(TINY_MOE) && ../../$(BIN)/python -m recipe.train --out checkpoint --loss-log training_log.jsonl
+	cd $(TINY_MOE) && ../../$(BIN)/python -m recipe.evaluate checkpoint --json eval.json
+	cd $(TINY_MOE) && sha256sum checkpoint/* > SHA256SUMS
 
 clean:
 	rm -rf $(VENV) out

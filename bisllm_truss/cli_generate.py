@@ -22,10 +22,22 @@ def _parse_ids(value: str | None) -> list[int] | None:
         ) from None
 
 
+def _render_chat(tokenizer, user: str, system: str | None) -> str:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--chat needs a checkpoint whose tokenizer has a chat template")
+    messages = [{"role": "system", "content": system}] if system is not None else []
+    messages.append({"role": "user", "content": user})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 @click.command()
 @click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--prompt", help="Prompt text (needs the checkpoint's tokenizer).")
 @click.option("--prompt-ids", help="Prompt as comma-separated token ids, e.g. 1,2,3.")
+@click.option(
+    "--chat", help="A user message, rendered with the checkpoint's chat template (a new turn)."
+)
+@click.option("--system", help="With --chat: a system message before it.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option(
     "--temperature",
@@ -48,6 +60,8 @@ def generate(
     model_dir: Path,
     prompt: str | None,
     prompt_ids: str | None,
+    chat: str | None,
+    system: str | None,
     max_tokens: int,
     temperature: float,
     top_p: float,
@@ -61,8 +75,10 @@ def generate(
 ) -> None:
     """Generate from MODEL_DIR (an HF checkpoint directory) with the bisllm engine."""
     ids = _parse_ids(prompt_ids)
-    if (prompt is None) == (ids is None):
-        raise click.UsageError("give exactly one of --prompt or --prompt-ids")
+    if sum(x is not None for x in (prompt, ids, chat)) != 1:
+        raise click.UsageError("give exactly one of --prompt, --prompt-ids or --chat")
+    if system is not None and chat is None:
+        raise click.UsageError("--system goes with --chat")
     # The engine pulls in torch; import it only for this command.
     from bisllm_server.engine.config import EngineConfig
     from bisllm_server.engine.engine import LLMEngine, RequestError
@@ -80,6 +96,8 @@ def generate(
             stop=list(stop),
             ignore_eos=ignore_eos,
         )
+        if chat is not None:
+            prompt = _render_chat(engine.tokenizer, chat, system)
         start = time.perf_counter()
         rid = engine.add_request(prompt if ids is None else ids, params)
     except (UnsupportedModelError, RequestError, SamplingParamsError, ValueError) as exc:

@@ -125,13 +125,31 @@ def test_seeded_sampling_is_reproducible(model_dir, greedy_reference):
 
 @pytest.mark.parametrize(
     "args",
-    [[], ["--prompt", "hi", "--prompt-ids", "1,2"]],
-    ids=["neither", "both"],
+    [[], ["--prompt", "hi", "--prompt-ids", "1,2"], ["--chat", "hi", "--prompt", "x"]],
+    ids=["neither", "both", "chat_and_prompt"],
 )
 def test_needs_exactly_one_prompt_option(model_dir, args):
     result = generate(model_dir, *args)
     assert result.exit_code == 2
-    assert "exactly one of --prompt or --prompt-ids" in result.stderr
+    assert "exactly one of --prompt, --prompt-ids or --chat" in result.stderr
+
+
+def test_system_needs_chat(model_dir):
+    result = generate(model_dir, "--prompt", "hi", "--system", "be brief")
+    assert result.exit_code == 2
+    assert "--system goes with --chat" in result.stderr
+
+
+def test_chat_renders_the_checkpoint_template(model_dir):
+    """--chat is the same request as --prompt with the template applied by hand."""
+    args = ["--max-tokens", "8", "--ignore-eos", "--json"]
+    chat = generate(model_dir, "--chat", "hi", "--system", "be brief", *args)
+    rendered = "system: be brief\nuser: hi\nassistant: "
+    plain = generate(model_dir, "--prompt", rendered, *args)
+    assert chat.exit_code == plain.exit_code == 0, chat.output
+    ours, theirs = last_json(chat.stdout), last_json(plain.stdout)
+    assert ours["token_ids"] == theirs["token_ids"]
+    assert ours["num_prompt_tokens"] == theirs["num_prompt_tokens"] > 5
 
 
 def test_malformed_prompt_ids_name_the_option(model_dir):

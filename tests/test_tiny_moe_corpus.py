@@ -1,0 +1,325 @@
+"""The bisllm-tiny-moe corpus builder: file selection, split, and the shape of every example."""
+
+from __future__ import annotations
+
+import ast
+import json
+import math
+import platform
+import random
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "bisllm-tiny-moe"))
+from recipe import corpus
+
+STDLIB_CAP = 300_000
+SPLIT_MODULES = [f"mod{i:02d}" for i in range(12)]
+
+# A handmade stdlib: what must be kept, and what every exclusion rule must drop.
+KEPT_FILES = {
+    "alpha.py": (
+        '"""Alpha module."""\n\n\n'
+        "def alpha_add(a, b=1):\n"
+        '    """Add b to a.\n\n    Details that are not part of the summary.\n    """\n'
+        "    return a + b\n\n\n"
+        "class AlphaBox:\n"
+        '    """A box that holds one value."""\n\n'
+        "    def __init__(self, value):\n"
+        "        self.value = value\n\n\n"
+        "def _alpha_private():\n"
+        '    """Private helper."""\n\n\n'
+        "def alpha_undocumented():\n"
+        "    pass\n"
+    ),
+    "pkg/__init__.py": (
+        "def pkg_hello(name: str) -> str:\n"
+        '    """Return a greeting for name."""\n'
+        '    return "hi " + name\n'
+    ),
+    "pkg/beta.py": ('def beta_scale(x, *, factor):\n    """Multiply x by factor."""\n'),
+    "crlf.py": 'def crlf_func():\r\n    """Written with Windows line endings."""\r\n',
+    "_private.py": 'def private_mod_func():\n    """Lives in a private module."""\n',
+    **{
+        f"{name}.py": f'def func_{name}(x):\n    """Return x unchanged ({name})."""\n    return x\n'
+        for name in SPLIT_MODULES
+    },
+}
+EXCLUDED_FILES = {
+    "test/test_x.py": "test_x_func",
+    "pkg/tests/t.py": "tests_t_func",
+    "__pycache__/x.py": "cache_func",
+    "site-packages/third.py": "third_func",
+    "encodings/table.py": "table_func",
+    "idlelib/idle_test/h.py": "idle_func",
+    "turtledemo/demo.py": "demo_func",
+    "bad.py": "bad_func",
+}
+NEVER_MENTIONED = [
+    *EXCLUDED_FILES.values(),
+    "latin_func",
+    "big_func",
+    "private_mod_func",
+    "_alpha_private",
+    "alpha_undocumented",
+]
+
+
+def _documented(name: str) -> str:
+    return f'def {name}():\n    """Documented so that it would yield examples."""\n'
+
+
+@pytest.fixture(scope="module")
+def handmade_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("stdlib")
+    files: dict[str, bytes] = {path: text.encode() for path, text in KEPT_FILES.items()}
+    files |= {path: _documented(name).encode() for path, name in EXCLUDED_FILES.items()}
+    files["bad.py"] += b"x = (\n"  # a syntax error
+    files["latin.py"] = _documented("latin_func").encode() + b"# caf\xe9\n"  # not UTF-8
+    files["big.py"] = _documented("big_func").encode() + b"#" * (corpus.MAX_FILE_BYTES + 1)
+    for rel, data in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+    return root
+
+
+@pytest.fixture(scope="module")
+def handmade(handmade_root: Path) -> corpus.Corpus:
+    return corpus.build_corpus(handmade_root, heldout_fraction=0.5)
+
+
+@pytest.fixture(scope="module")
+def stdlib() -> corpus.Corpus:
+    return corpus.build_corpus(max_code_bytes=STDLIB_CAP)
+
+
+def _chats(c: corpus.Corpus) -> list[corpus.Conversation]:
+    return c.train_chat + c.heldout_chat
+
+
+def _text(conv: corpus.Conversation) -> str:
+    return json.dumps(conv.messages, ensure_ascii=False)
+
+
+def _code_blocks(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)\n```", text, flags=re.DOTALL)
+
+
+# --- files --------------------------------------------------------------------------------------
+
+
+def test_exclusions(handmade: corpus.Corpus) -> None:
+    paths = {doc.path for doc in handmade.train_code + handmade.heldout_code}
+    assert paths == set(KEPT_FILES)
+    mentions = "\n".join(_text(conv) for conv in _chats(handmade))
+    for name in NEVER_MENTIONED:
+        assert name not in mentions
+    for name in ("alpha_add", "AlphaBox", "pkg_hello", "beta_scale", "crlf_func"):
+        assert name in mentions
+
+
+def test_code_docs_are_normalised(handmade: corpus.Corpus) -> None:
+    docs = {doc.path: doc.text for doc in handmade.train_code + handmade.heldout_code}
+    assert "\r" not in docs["crlf.py"]
+    assert docs["crlf.py"] == KEPT_FILES["crlf.py"].replace("\r\n", "\n")
+    assert docs["alpha.py"] == KEPT_FILES["alpha.py"]
+
+
+def test_module_names() -> None:
+    assert corpus.module_name("json/encoder.py") == "json.encoder"
+    assert corpus.module_name("json/__init__.py") == "json"
+    assert corpus.public_module("posixpath.py") == "os.path"
+    assert corpus.public_module("asyncio/__main__.py") is None
+    assert corpus.public_module("_strptime.py") is None
+
+
+def test_summaries() -> None:
+    assert corpus.summarize("dumps(obj) -> str\n\nSerialize obj.\n\nMore.") == "Serialize obj."
+    assert corpus.summarize("Join the\n    parts.\n\nDetails.") == "Join the parts."
+    long = " ".join(["This sentence is ten words long and ends right here."] * 20)
+    short = corpus.truncate(long)
+    assert len(short) <= corpus.SUMMARY_MAX_CHARS
+    assert short.endswith("here.")
+
+
+# --- determinism and split ----------------------------------------------------------------------
+
+
+def test_deterministic(handmade_root: Path, handmade: corpus.Corpus, stdlib: corpus.Corpus) -> None:
+    assert corpus.build_corpus(handmade_root, heldout_fraction=0.5) == handmade
+    assert corpus.build_corpus(max_code_bytes=STDLIB_CAP) == stdlib
+    other = corpus.build_corpus(max_code_bytes=STDLIB_CAP, seed=1)
+    assert other.train_code == stdlib.train_code
+    assert _chats(other) != _chats(stdlib)
+    assert sorted(map(_text, _chats(other))) != sorted(map(_text, _chats(stdlib)))
+
+
+def test_split_follows_source_file(handmade: corpus.Corpus) -> None:
+    heldout_paths = {doc.path for doc in handmade.heldout_code}
+    sides = {f"func_{m}": f"{m}.py" in heldout_paths for m in SPLIT_MODULES}
+    assert set(sides.values()) == {True, False}, "the fixture should put files on both sides"
+    for heldout, convs in ((False, handmade.train_chat), (True, handmade.heldout_chat)):
+        for conv in convs:
+            for name in re.findall(r"func_mod\d\d", _text(conv)):
+                assert sides[name] == heldout, (name, conv.kind)
+    mentioned = {n for conv in _chats(handmade) for n in re.findall(r"func_mod\d\d", _text(conv))}
+    assert mentioned == set(sides)
+
+
+# --- example shapes -----------------------------------------------------------------------------
+
+
+def test_json_answers(stdlib: corpus.Corpus, handmade: corpus.Corpus) -> None:
+    convs = [c for c in _chats(stdlib) + _chats(handmade) if c.kind == "json"]
+    assert convs
+    for conv in convs:
+        assert conv.messages[0]["role"] == "system"
+        assert "JSON" in conv.messages[0]["content"]
+        answer = json.loads(conv.messages[-1]["content"])
+        assert set(answer) == {"name", "module", "kind", "summary"}
+        assert answer["kind"] in ("function", "class")
+        assert f"{answer['module']}.{answer['name']}" in conv.messages[-2]["content"]
+
+
+def test_code_blocks_parse(stdlib: corpus.Corpus, handmade: corpus.Corpus) -> None:
+    for conv in _chats(stdlib) + _chats(handmade):
+        blocks = [b for m in conv.messages for b in _code_blocks(str(m.get("content") or ""))]
+        if conv.kind in ("signature", "code"):
+            assert len(blocks) == 1, conv.messages
+        for block in blocks:
+            ast.parse(block)
+    answers = "\n".join(m["content"] for c in _chats(handmade) for m in c.messages)
+    assert "def alpha_add(a, b=1): ..." in answers
+    assert "from pkg import pkg_hello\n\nresult = pkg_hello('hello')" in answers
+    assert "beta_scale(1.5, factor=factor)" in answers
+
+
+def _loads_ok(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+REFERENCE = {
+    "gcd": lambda a, b: math.gcd(a, b),
+    "lcm": lambda a, b: a * b // math.gcd(a, b),
+    "factorial": lambda n: math.prod(range(1, n + 1)),
+    "comb": lambda n, k: math.factorial(n) // (math.factorial(k) * math.factorial(n - k)),
+    "isqrt": lambda n: int(n**0.5) if int(n**0.5) ** 2 <= n else int(n**0.5) - 1,
+    "sqrt": lambda x: round(x**0.5, 4),
+    "power": lambda base, exponent: base**exponent,
+    "string_length": lambda text: len(text),
+    "to_upper": lambda text: text.upper(),
+    "to_lower": lambda text: text.lower(),
+    "to_title": lambda text: " ".join(w.capitalize() for w in text.split(" ")),
+    "reverse_string": lambda text: "".join(reversed(text)),
+    "word_count": lambda text: len(text.split()),
+    "sort_numbers": lambda numbers: sorted(numbers),
+    "max_number": lambda numbers: max(numbers),
+    "min_number": lambda numbers: min(numbers),
+    "sum_numbers": lambda numbers: sum(numbers),
+    "absolute_value": lambda x: -x if x < 0 else x,
+    "round_number": lambda x, digits: round(x, digits),
+    "to_hex": lambda n: f"0x{n:x}",
+    "to_binary": lambda n: f"0b{n:b}",
+    "is_valid_json": lambda text: _loads_ok(text),
+}
+JSON_TYPES: dict[str, tuple[type, ...]] = {
+    "integer": (int,),
+    "number": (int, float),
+    "string": (str,),
+    "array": (list,),
+}
+
+
+def _matches(schema: dict[str, Any], value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, JSON_TYPES[schema["type"]]):
+        return False
+    return schema["type"] != "array" or all(_matches(schema["items"], v) for v in value)
+
+
+def _check_tool_call_conversation(conv: corpus.Conversation) -> None:
+    assert conv.tools
+    specs = {t["function"]["name"]: t["function"] for t in conv.tools}
+    assert len(specs) == len(conv.tools)
+    roles = [m["role"] for m in conv.messages if m["role"] != "system"]
+    n_calls = 1 if conv.kind == "tool_call" else 2
+    assert roles == ["user", "assistant"] + ["tool"] * n_calls + ["assistant"]
+    call_message = next(m for m in conv.messages if m.get("tool_calls"))
+    assert call_message["content"] == ""
+    assert len(call_message["tool_calls"]) == n_calls
+    assert n_calls + 1 <= len(conv.tools) <= n_calls + 3
+    results = [m["content"] for m in conv.messages if m["role"] == "tool"]
+    for call, result in zip(call_message["tool_calls"], results, strict=True):
+        assert call["type"] == "function"
+        name, args = call["function"]["name"], call["function"]["arguments"]
+        assert isinstance(args, dict)
+        parameters = specs[name]["parameters"]
+        assert set(args) == set(parameters["properties"]) == set(parameters["required"])
+        for key, value in args.items():
+            assert _matches(parameters["properties"][key], value), (name, key, value)
+        expected = REFERENCE[name](**args)
+        assert result == (expected if isinstance(expected, str) else json.dumps(expected))
+        if not isinstance(expected, bool):  # a yes/no verdict is phrased, not quoted
+            assert result in conv.messages[-1]["content"]
+
+
+def test_tool_conversations(stdlib: corpus.Corpus, handmade: corpus.Corpus) -> None:
+    assert set(REFERENCE) == set(corpus.TOOLS_BY_NAME)
+    # Plus conversations made directly, so every tool is exercised whatever the build drew.
+    extra = [corpus.tool_call_conversation(random.Random(i), 1 + i % 2) for i in range(400)]
+    convs = _chats(stdlib) + _chats(handmade) + extra
+    called: set[str] = set()
+    for conv in convs:
+        if conv.kind in ("tool_call", "tool_call_2"):
+            _check_tool_call_conversation(conv)
+            called |= {
+                c["function"]["name"] for m in conv.messages for c in m.get("tool_calls", [])
+            }
+        elif conv.kind == "no_tool":
+            assert conv.tools
+            assert not any(m.get("tool_calls") or m["role"] == "tool" for m in conv.messages)
+            assert conv.messages[-1]["role"] == "assistant"
+        else:
+            assert conv.tools is None
+    assert called == set(corpus.TOOLS_BY_NAME)
+
+
+def test_messages_are_well_formed(stdlib: corpus.Corpus) -> None:
+    for conv in _chats(stdlib):
+        roles = [m["role"] for m in conv.messages]
+        assert set(roles) <= {"system", "user", "assistant", "tool"}
+        assert "system" not in roles[1:]
+        assert roles[roles[0] == "system"] == "user"
+        assert roles[-1] == "assistant" and conv.messages[-1]["content"]
+        for m in conv.messages:
+            assert isinstance(m["content"], str)
+            if "reasoning_content" in m:
+                assert m["role"] == "assistant" and 0 < len(m["reasoning_content"]) < 600
+
+
+# --- the real standard library ------------------------------------------------------------------
+
+
+def test_stdlib_build(stdlib: corpus.Corpus) -> None:
+    assert stdlib.python_version == platform.python_version()
+    assert Path(stdlib.stdlib_root) == corpus.stdlib_root()
+    docs = stdlib.train_code + stdlib.heldout_code
+    assert sum(len(d.text.encode()) for d in docs) <= STDLIB_CAP
+    for doc in docs:
+        parts = doc.path.split("/")
+        assert not {"test", "tests", "idle_test", "site-packages", "__pycache__"} & set(parts)
+        assert doc.path.endswith(".py")
+    counts = corpus.kind_counts(_chats(stdlib))
+    kinds = ("explain", "signature", "module", "json", "code", "multi_turn")
+    kinds += ("tool_call", "tool_call_2", "no_tool", "small_talk", "+reasoning", "+system")
+    for kind in kinds:
+        assert counts.get(kind, 0) > 0, kind
+    final = [c.messages[-1] for c in _chats(stdlib)]
+    assert any("reasoning_content" in m for m in final)
