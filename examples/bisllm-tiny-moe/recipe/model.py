@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from recipe.chat_template import END_OF_TEXT, IM_END, SPECIAL_TOKENS
 from transformers import Qwen3MoeConfig
+
+from recipe.chat_template import END_OF_TEXT, IM_END, SPECIAL_TOKENS
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
 from recipe.chat_template import (
     CHAT_TEMPLATE,
     END_OF_TEXT,
@@ -17,8 +20,6 @@ from recipe.chat_template import (
     MARKUP_TOKENS,
     SPECIAL_TOKENS,
 )
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
