@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import platform
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -57,7 +58,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def tokenizer_texts(corpus: Corpus, tokenizer_for_rendering=None) -> list[str]:
+def tokenizer_texts(corpus: Corpus) -> list[str]:
     """What the BPE is trained on: every training code file, plus the chat examples flattened
     to their message texts (the template's markup is added as whole tokens anyway)."""
     texts = [doc.text for doc in corpus.train_code]
@@ -201,7 +202,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--loss-log", type=Path, help="write the JSON-lines loss log here")
     args = parser.parse_args(argv)
-    args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
     return args
 
 
