@@ -91,13 +91,15 @@ def unigram_nll(train: list[Example], heldout: list[Example], vocab: int) -> tup
     return total, count
 
 
-def perplexities(checkpoint: Path, seed: int, max_heldout_tokens: int) -> dict:
+def perplexities(checkpoint: Path, max_heldout_tokens: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     recipe = json.loads((checkpoint / "recipe.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    corpus = build_corpus(seed=recipe["seed"])
+    # The training run's seed: the same corpus, split and think-block coin flips.
+    seed = recipe["seed"]
+    corpus = build_corpus(seed=seed)
     train = encode_all(tokenizer, corpus.train_code, corpus.train_chat, seed)
     heldout = encode_all(tokenizer, corpus.heldout_code, corpus.heldout_chat, seed)
     kept, budget = [], max_heldout_tokens
@@ -138,12 +140,11 @@ def greedy_answers(checkpoint: Path, max_tokens: int = 96) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-heldout-tokens", type=int, default=200_000)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     report = {
-        "perplexity": perplexities(args.checkpoint, args.seed, args.max_heldout_tokens),
+        "perplexity": perplexities(args.checkpoint, args.max_heldout_tokens),
         "answers": greedy_answers(args.checkpoint),
     }
     for name, row in report["perplexity"].items():

@@ -27,7 +27,7 @@ from transformers import GenerationConfig, Qwen3MoeForCausalLM
 
 from recipe.chat_template import END_OF_TEXT, IM_END, SPECIAL_TOKENS
 from recipe.corpus import Corpus, build_corpus
-from recipe.data import encode_all, pack, render
+from recipe.data import encode_all, pack
 from recipe.model import Shape, make_config
 from recipe.tokenizer import save_tokenizer, train_tokenizer
 
@@ -185,8 +185,6 @@ def save(model, tokenizer, out: Path, corpus: Corpus, args, steps: int) -> None:
         "shape": asdict(PRESETS[args.preset]["shape"]),
     }
     (out / "recipe.json").write_text(json.dumps(recipe, indent=2) + "\n")
-    example = corpus.train_chat[0]
-    assert render(tokenizer, example.messages, example.tools)  # template loads and renders
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
