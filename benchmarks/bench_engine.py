@@ -169,7 +169,13 @@ def step_overhead(engine: LLMEngine, batch: int) -> dict[str, float]:
 
 
 def throughput_table(
-    path: Path, batches: list[int], repeats: int, workloads: list[str], device: str, dtype: str
+    path: Path,
+    batches: list[int],
+    repeats: int,
+    workloads: list[str],
+    device: str,
+    dtype: str,
+    cpu_kernels: bool = True,
 ) -> tuple[LLMEngine, list]:
     from transformers import AutoModelForCausalLM
 
@@ -183,6 +189,7 @@ def throughput_table(
             max_batch_size=64,
             max_num_tokens=4096,
             num_kv_pages=4096,  # 64 sequences of up to 1024 tokens, whatever the device
+            cpu_kernels=cpu_kernels,
         )
     )
     engine_throughput(engine, uniform_workload(8, seed=1234))  # warm-up both
@@ -219,6 +226,11 @@ def main() -> None:
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--no-cpu-kernels",
+        action="store_true",
+        help="Run the engine on its PyTorch paths only (no C++ CPU kernels).",
+    )
     parser.add_argument("--json", type=Path, help="Also write the figures here.")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -227,6 +239,7 @@ def main() -> None:
         "torch": torch.__version__,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
         "dtype": args.dtype,
+        "cpu_kernels": not args.no_cpu_kernels,
         "throughput": {},
     }
     with tempfile.TemporaryDirectory() as tmp:
@@ -235,7 +248,13 @@ def main() -> None:
             print(f"{shape} ({SHAPES[shape]}):")
             path = build_tiny_qwen3_moe(Path(tmp) / shape, shape)
             engines[shape], results["throughput"][shape] = throughput_table(
-                path, batches, args.repeats, args.workloads.split(","), args.device, args.dtype
+                path,
+                batches,
+                args.repeats,
+                args.workloads.split(","),
+                args.device,
+                args.dtype,
+                cpu_kernels=not args.no_cpu_kernels,
             )
         engine = next(iter(engines.values()))
 

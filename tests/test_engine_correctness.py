@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from bisllm_server.engine.config import EngineConfig
+from bisllm_server.engine.cpu_kernels.backends import CpuAttentionBackend
 from bisllm_server.engine.engine import LLMEngine
 from bisllm_server.engine.request import RequestOutput
 from bisllm_server.engine.sampling import SamplingParams
@@ -189,9 +190,13 @@ def test_batch1_greedy_matches_transformers(variant, checkpoint, reference):
 # (b) one batch of prompts of different lengths --------------------------------------------
 
 
+# Run twice: with the C++ CPU kernels (the default, as every other test here runs) and on the
+# PyTorch paths they replace (SDPA over gathered K/V, padded expert matmuls).
+@pytest.mark.parametrize("cpu_kernels", [True, False], ids=["cpu_kernels", "pytorch_paths"])
 @pytest.mark.parametrize("variant", WITH_MIXED)
-def test_mixed_length_batch_matches_batch1_reference(variant, checkpoint, reference):
-    engine = make_engine(checkpoint(variant), max_batch_size=8)
+def test_mixed_length_batch_matches_batch1_reference(variant, cpu_kernels, checkpoint, reference):
+    engine = make_engine(checkpoint(variant), max_batch_size=8, cpu_kernels=cpu_kernels)
+    assert isinstance(engine.runner.attn, CpuAttentionBackend) == cpu_kernels
     outputs, finals, stats = run(engine, PROMPTS, [params(m) for m in BATCH_MODES])
     # All eight were prefilled together in the first step, then decoded together.
     assert stats[0].num_running == 8 and stats[0].decode_tokens == 0

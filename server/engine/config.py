@@ -34,6 +34,9 @@ class EngineConfig:
     gpu_memory_fraction: float = 0.85
     num_kv_pages: int | None = None
     seed: int | None = None
+    # On CPU, run decode attention and small-batch experts in the compiled C++ kernels
+    # (built on first use; the PyTorch paths stay when the build is impossible).
+    cpu_kernels: bool = True
 
     def validate(self) -> None:
         positive = {

@@ -17,10 +17,13 @@ from typing import Any
 
 import torch
 
+from bisllm_server.engine import cpu_kernels
 from bisllm_server.engine.attention import AttentionBackend, TorchAttentionBackend
 from bisllm_server.engine.config import EngineConfig
+from bisllm_server.engine.cpu_kernels.backends import CpuAttentionBackend, CpuExpertsBackend
 from bisllm_server.engine.detokenizer import IncrementalDetokenizer
 from bisllm_server.engine.kv_cache import KVPool, PageAllocator, kv_budget_bytes, pages_for_budget
+from bisllm_server.engine.layers.moe import set_experts_backend
 from bisllm_server.engine.loader import ModelConfig, load_model
 from bisllm_server.engine.model_runner import CausalModel, ModelRunner
 from bisllm_server.engine.radix_cache import RadixCache
@@ -114,6 +117,11 @@ class LLMEngine:
             enable_chunked_prefill=config.enable_chunked_prefill,
             schedule_policy=config.schedule_policy,
         )
+        if config.cpu_kernels and self.device.type == "cpu" and cpu_kernels.available():
+            if isinstance(model, torch.nn.Module):
+                set_experts_backend(model, CpuExpertsBackend())
+            if attention is TorchAttentionBackend:
+                attention = CpuAttentionBackend
         self.runner = ModelRunner(
             model,
             attention(self.kv_pool.k_buffers, self.kv_pool.v_buffers),

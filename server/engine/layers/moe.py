@@ -33,6 +33,13 @@ def softmax_topk(
 class ExpertsBackend(ABC):
     """Computes sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) for every token t."""
 
+    def prepare_weights(
+        self, w13: torch.Tensor, w2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expert weights in the memory layout this backend reads fastest: same shapes and
+        values, possibly other strides. Called once per layer when the backend is installed."""
+        return w13, w2
+
     @abstractmethod
     def forward(
         self,
@@ -218,3 +225,5 @@ def set_experts_backend(model: nn.Module, backend: ExpertsBackend) -> None:
     for module in model.modules():
         if isinstance(module, FusedExperts):
             module.backend = backend
+            w13, w2 = backend.prepare_weights(module.w13.data, module.w2.data)
+            module.w13.data, module.w2.data = w13, w2
