@@ -30,11 +30,26 @@ KEPT_FILES = {
         "class AlphaBox:\n"
         '    """A box that holds one value."""\n\n'
         "    def __init__(self, value):\n"
-        "        self.value = value\n\n\n"
+        "        self.value = value\n\n"
+        "    @property\n"
+        "    def doubled(self):\n"
+        '        """The value, twice."""\n'
+        "        return 2 * self.value\n\n"
+        "    @staticmethod\n"
+        "    def make(value):\n"
+        '        """Build a box around value."""\n'
+        "        return AlphaBox(value)\n\n\n"
         "def _alpha_private():\n"
         '    """Private helper."""\n\n\n'
         "def alpha_undocumented():\n"
-        "    pass\n"
+        "    pass\n\n\n"
+        "def alpha_placeholder():\n"
+        '    """Documented, but with no body to show."""\n'
+        "    pass\n\n\n"
+        "def alpha_long(x):\n"
+        '    """Too long to be a function document."""\n'
+        + "".join(f"    x += {i}\n" for i in range(20))
+        + "    return x\n"
     ),
     "pkg/__init__.py": (
         "def pkg_hello(name: str) -> str:\n"
@@ -43,6 +58,8 @@ KEPT_FILES = {
     ),
     "pkg/beta.py": ('def beta_scale(x, *, factor):\n    """Multiply x by factor."""\n'),
     "crlf.py": 'def crlf_func():\r\n    """Written with Windows line endings."""\r\n',
+    # A module of COMMON_MODULES: its definitions get extra conversations.
+    "json.py": 'def json_encode(obj):\n    """Encode obj as JSON text."""\n    return str(obj)\n',
     "_private.py": 'def private_mod_func():\n    """Lives in a private module."""\n',
     **{
         f"{name}.py": f'def func_{name}(x):\n    """Return x unchanged ({name})."""\n    return x\n'
@@ -57,12 +74,16 @@ EXCLUDED_FILES = {
     "encodings/table.py": "table_func",
     "idlelib/idle_test/h.py": "idle_func",
     "turtledemo/demo.py": "demo_func",
+    "idlelib/editor.py": "idle_editor_func",
+    "lib2to3/fixer_util.py": "lib2to3_func",
+    "distutils/util.py": "distutils_func",
     "bad.py": "bad_func",
 }
 NEVER_MENTIONED = [
     *EXCLUDED_FILES.values(),
     "latin_func",
     "big_func",
+    "tables_func",
     "private_mod_func",
     "_alpha_private",
     "alpha_undocumented",
@@ -81,6 +102,9 @@ def handmade_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     files["bad.py"] += b"x = (\n"  # a syntax error
     files["latin.py"] = _documented("latin_func").encode() + b"# caf\xe9\n"  # not UTF-8
     files["big.py"] = _documented("big_func").encode() + b"#" * (corpus.MAX_FILE_BYTES + 1)
+    # Mostly a literal table: left out, though it parses and documents a function.
+    table = "".join(f"    'key{i}': {i},\n" for i in range(12))
+    files["tables.py"] = (_documented("tables_func") + f"TABLE = {{\n{table}}}\n").encode()
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
@@ -133,6 +157,7 @@ def test_module_names() -> None:
     assert corpus.module_name("json/encoder.py") == "json.encoder"
     assert corpus.module_name("json/__init__.py") == "json"
     assert corpus.public_module("posixpath.py") == "os.path"
+    assert corpus.public_module("genericpath.py") == "os.path"
     assert corpus.public_module("asyncio/__main__.py") is None
     assert corpus.public_module("_strptime.py") is None
 
@@ -140,10 +165,18 @@ def test_module_names() -> None:
 def test_summaries() -> None:
     assert corpus.summarize("dumps(obj) -> str\n\nSerialize obj.\n\nMore.") == "Serialize obj."
     assert corpus.summarize("Join the\n    parts.\n\nDetails.") == "Join the parts."
-    long = " ".join(["This sentence is ten words long and ends right here."] * 20)
-    short = corpus.truncate(long)
-    assert len(short) <= corpus.SUMMARY_MAX_CHARS
-    assert short.endswith("here.")
+    # The first sentence only; "e.g." and "i.e." do not end one; a missing period is added.
+    assert corpus.summarize("Split a path. Return a tuple.") == "Split a path."
+    assert corpus.summarize("The OS name, e.g. 'Linux'. More.") == "The OS name, e.g. 'Linux'."
+    assert corpus.summarize("Run it (i.e. now) twice") == "Run it (i.e. now) twice."
+    # reStructuredText markup becomes the Markdown the chat answers use.
+    assert corpus.summarize("Serialize ``obj`` to a ``str``.") == "Serialize `obj` to a `str`."
+    assert corpus.summarize("As :func:`~os.path.join` does") == "As `os.path.join` does."
+    # A first sentence too long to quote is no summary: it is dropped, not cut.
+    long = "Return " + "one thing and another " * 8 + "thing."
+    assert len(long) > corpus.SUMMARY_MAX_CHARS
+    assert corpus.summarize(long) is None
+    assert corpus.summarize(long[: corpus.SUMMARY_MAX_CHARS - 1] + ".") is not None
 
 
 # --- determinism and split ----------------------------------------------------------------------
@@ -170,7 +203,78 @@ def test_split_follows_source_file(handmade: corpus.Corpus) -> None:
     assert mentioned == set(sides)
 
 
+# --- short function documents -------------------------------------------------------------------
+
+
+def test_function_docs(handmade: corpus.Corpus) -> None:
+    docs = {d.path: d.text for d in handmade.train_functions + handmade.heldout_functions}
+    assert docs["alpha.py:4"] == (
+        "def alpha_add(a, b=1):\n"
+        '    """Add b to a.\n\n    Details that are not part of the summary.\n    """\n'
+        "    return a + b\n"
+    )
+    # Functions in classes are dedented to column 0, decorators included.
+    assert docs["alpha.py:23"] == (
+        '@staticmethod\ndef make(value):\n    """Build a box around value."""\n'
+        "    return AlphaBox(value)\n"
+    )
+    # Not: methods of self (doubled), placeholder bodies, long or undocumented functions.
+    names = {ast.parse(text).body[0].name for text in docs.values()}
+    assert names == {"alpha_add", "make", "pkg_hello", "json_encode"} | {
+        f"func_{m}" for m in SPLIT_MODULES
+    }
+    # Each function follows its file to the training or the held-out side.
+    for side, code, functions in (
+        ("train", handmade.train_code, handmade.train_functions),
+        ("heldout", handmade.heldout_code, handmade.heldout_functions),
+    ):
+        paths = {d.path for d in code}
+        for doc in functions:
+            assert doc.path.rsplit(":", 1)[0] in paths, (side, doc.path)
+
+
+def test_stdlib_function_docs(stdlib: corpus.Corpus) -> None:
+    docs = stdlib.train_functions + stdlib.heldout_functions
+    assert len(docs) >= 10
+    for doc in docs:
+        assert not doc.text[0].isspace() and doc.text.endswith("\n")
+        assert len(doc.text.splitlines()) <= corpus.MAX_FUNCTION_LINES
+        (node,) = ast.parse(doc.text).body
+        assert isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        assert ast.get_docstring(node) is not None and len(node.body) >= 2
+        params = [a.arg for a in [*node.args.posonlyargs, *node.args.args]]
+        assert params[:1] not in (["self"], ["cls"])
+
+
 # --- example shapes -----------------------------------------------------------------------------
+
+
+def test_common_modules_get_more_conversations(handmade: corpus.Corpus) -> None:
+    def count(kind: str, qualname: str) -> int:
+        convs = [c for c in _chats(handmade) if c.kind == kind]
+        return sum(qualname in c.messages[-2]["content"] for c in convs)
+
+    assert "json" in corpus.COMMON_MODULES and "alpha" not in corpus.COMMON_MODULES
+    assert count("explain", "json.json_encode") == 1 + corpus.COMMON_EXTRA_EXPLAIN
+    assert count("json", "json.json_encode") == 1 + corpus.COMMON_EXTRA_JSON
+    assert count("explain", "alpha.alpha_add") == 1
+    assert count("json", "alpha.alpha_add") == 1
+
+
+def test_explain_and_json_answers_quote_one_short_sentence(stdlib: corpus.Corpus) -> None:
+    explained, described = set(), set()
+    for conv in _chats(stdlib):
+        if conv.kind == "explain":
+            # The intro names the definition (no ". " in it); the docstring's sentence follows.
+            intro, summary = conv.messages[-1]["content"].split(". ", 1)
+            assert intro.startswith(("`", "In the `"))
+            assert len(summary) <= corpus.SUMMARY_MAX_CHARS and summary.endswith((".", "!", "?"))
+            assert "``" not in summary
+            explained.add(summary)
+        elif conv.kind == "json":
+            described.add(json.loads(conv.messages[-1]["content"])["summary"])
+    # Both kinds quote the same sentence for a definition, so each is seen more often.
+    assert described and described <= explained
 
 
 def test_json_answers(stdlib: corpus.Corpus, handmade: corpus.Corpus) -> None:

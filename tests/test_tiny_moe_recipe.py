@@ -76,6 +76,22 @@ def test_tokenizer_vocab_and_markup_tokens(tokenizer):
     assert tokenizer.decode(ids, skip_special_tokens=True) == "<tool_call>\n{}\n</tool_call>"
 
 
+def test_code_cut_at_a_line_break_tokenizes_as_the_start_of_the_whole(tokenizer):
+    # A completion prompt ends at a line break; its tokens must be those the same text has
+    # inside a longer file, or the model sees a token it never saw there (the first model,
+    # with GPT-2's split, got a bare "\n" and closed the function).
+    text = Path(json.__file__).read_text()[:8000]
+    whole = tokenizer.encode(text, add_special_tokens=False)
+    cuts = [i + 1 for i, ch in enumerate(text[:-1]) if ch == "\n" and text[i + 1] != "\n"]
+    assert len(cuts) > 100
+    for cut in cuts:
+        part = tokenizer.encode(text[:cut], add_special_tokens=False)
+        assert whole[: len(part)] == part, repr(text[max(0, cut - 40) : cut + 20])
+    # A line break and the next line's indentation are separate tokens.
+    tokens = tokenizer.convert_ids_to_tokens(whole)
+    assert not [t for t in tokens if "\u010a\u0120" in t]  # byte-level "\n" then " "
+
+
 def test_template_renders_qwen3_tool_calls_results_and_reasoning(tokenizer):
     text = tokenizer.apply_chat_template(
         TOOL_CONVERSATION.messages, tools=TOOL_CONVERSATION.tools, tokenize=False

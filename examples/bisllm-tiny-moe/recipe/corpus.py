@@ -1,7 +1,9 @@
 """A licence-clean, offline training corpus built from CPython's own standard library.
 
-Code: the stdlib's `.py` sources (PSF licence), minus tests, demos, generated tables and
-third-party packages. Chat: question/answer conversations derived from those sources with
+Code: the stdlib's `.py` sources (PSF licence), minus tests, demos, generated and literal data
+tables, third-party packages, IDLE and the deprecated distutils and lib2to3; plus their short
+self-contained documented functions again, each as a document of its own (function_docs).
+Chat: question/answer conversations derived from those sources with
 `ast` alone (the files are never imported or executed), tool-call conversations over a
 whitelist of pure functions whose results the builder computes itself, and a little small
 talk. The chat follows the OpenAI message format that the Qwen3-style template renders.
@@ -23,6 +25,7 @@ import platform
 import random
 import re
 import sysconfig
+import textwrap
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -35,7 +38,10 @@ Message = dict[str, Any]
 
 @dataclass(frozen=True)
 class CodeDoc:
-    path: str  # relative to the stdlib root, posix style, e.g. "json/encoder.py"
+    # Relative to the stdlib root, posix style, e.g. "json/encoder.py"; for a function cut out
+    # of a file (see function_docs), the file's path and the function's first line,
+    # "json/encoder.py:105".
+    path: str
     text: str  # source text with "\n" line endings
 
 
@@ -52,8 +58,11 @@ class Conversation:
 
 @dataclass(frozen=True)
 class Corpus:
-    train_code: list[CodeDoc]
+    train_code: list[CodeDoc]  # whole files
     heldout_code: list[CodeDoc]
+    # Short documented functions cut out of those files (function_docs), on their files' side.
+    train_functions: list[CodeDoc]
+    heldout_functions: list[CodeDoc]
     train_chat: list[Conversation]
     heldout_chat: list[Conversation]
     stdlib_root: str
@@ -68,14 +77,19 @@ def stdlib_root() -> Path:
 # Source files
 
 MAX_FILE_BYTES = 300 * 1024
-# Directories that hold tests, demos, installers, generated data or third-party code.
+# Directories that hold tests, demos, installers, generated data or third-party code, an
+# application (IDLE) and two deprecated packages whose code and names would crowd out the
+# library people use (distutils is gone in 3.12, lib2to3 in 3.13).
 EXCLUDED_DIR_NAMES = frozenset(
     {
         "__pycache__",
         "dist-packages",
+        "distutils",
         "encodings",  # mostly generated codec tables
         "ensurepip",
         "idle_test",
+        "idlelib",
+        "lib2to3",
         "pydoc_data",  # huge generated help topics
         "site-packages",
         "test",
@@ -129,6 +143,22 @@ def parse_source(text: str) -> ast.Module | None:
             return None
 
 
+# A file whose lines are mostly literal data assigned at module level (html/entities.py, token
+# tables, keyword lists) teaches a table, not Python; such files are left out.
+MAX_DATA_LINE_SHARE = 0.5
+_LITERAL_VALUES = (ast.Constant, ast.Dict, ast.List, ast.Set, ast.Tuple)
+
+
+def data_line_share(tree: ast.Module, text: str) -> float:
+    """The share of the file's lines taken by module-level assignments of literal values."""
+    data_lines = 0
+    for node in tree.body:
+        if isinstance(node, ast.Assign | ast.AnnAssign) and isinstance(node.value, _LITERAL_VALUES):
+            assert node.end_lineno is not None
+            data_lines += node.end_lineno - node.lineno + 1
+    return data_lines / max(1, len(text.splitlines()))
+
+
 def is_heldout_path(path: str, heldout_fraction: float) -> bool:
     """A stable split by path, so a file and every example derived from it share a side."""
     digest = hashlib.sha256(path.encode()).digest()
@@ -140,6 +170,7 @@ MODULE_ALIASES = {
     "posixpath": "os.path",
     "_collections_abc": "collections.abc",
     "_pydecimal": "decimal",
+    "genericpath": "os.path",  # exists, isfile, getsize, ...: posixpath imports them all
 }
 
 
@@ -164,11 +195,16 @@ def public_module(path: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Documented definitions
 
-SUMMARY_MAX_CHARS = 400
+# A summary is one sentence: every answer that quotes one then has the same, short shape, and
+# the model learns to stop after it. Longer first sentences are dropped, not cut.
+SUMMARY_MAX_CHARS = 160
 MAX_SIGNATURE_CHARS = 300
 MAX_EXAMPLE_ARGS = 4
 _SIGNATURE_LINE = re.compile(r"^[\w.]+\(.*\)(\s*->.*)?$")
-_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+# ".", "!" or "?" before whitespace or the end, except in "e.g." and "i.e.".
+_SENTENCE_END = re.compile(r"(?<!\be\.g)(?<!\bi\.e)[.!?](?=\s|$)")
+# reStructuredText roles (:func:`~os.path.join`) and literals (``obj``) -> Markdown `code`.
+_RST_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`~?([^`]+)`")
 
 FunctionNode = ast.FunctionDef | ast.AsyncFunctionDef
 DefNode = ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef
@@ -182,7 +218,7 @@ class Item:
     module: str
     name: str
     kind: str  # "function" | "class"
-    summary: str  # first paragraph of the docstring, one line, at most SUMMARY_MAX_CHARS
+    summary: str  # the docstring's first sentence (see summarize)
     signature: str | None  # a parseable snippet declaring it
     example: str | None  # a parseable snippet importing and calling it
 
@@ -191,25 +227,20 @@ class Item:
         return f"{self.module}.{self.name}"
 
 
-def truncate(text: str, limit: int = SUMMARY_MAX_CHARS) -> str:
-    """text cut to limit characters, at a sentence end when one is not too early."""
-    if len(text) <= limit:
-        return text
-    ends = [m.end() for m in _SENTENCE_END.finditer(text[: limit + 1]) if m.end() <= limit]
-    if ends and ends[-1] >= limit // 4:
-        return text[: ends[-1]]
-    cut = text.rfind(" ", 0, limit - 3)
-    return text[: cut if cut > 0 else limit - 3].rstrip(",;:") + "..."
-
-
 def first_sentence(text: str) -> str:
     match = _SENTENCE_END.search(text)
     sentence = text[: match.end()] if match else text
     return sentence if sentence.endswith((".", "!", "?")) else sentence + "."
 
 
+def markdown_code(text: str) -> str:
+    """reStructuredText roles and ``literals`` as Markdown `code`, as the chat writes code."""
+    return _RST_ROLE.sub(r"`\1`", text).replace("``", "`")
+
+
 def summarize(docstring: str) -> str | None:
-    """The docstring's first prose paragraph on one line, or None if there is none."""
+    """The first sentence of the docstring's first prose paragraph, on one line; None if there
+    is no such paragraph or the sentence is longer than SUMMARY_MAX_CHARS."""
     paragraphs = [" ".join(p.split()) for p in re.split(r"\n\s*\n", docstring.strip())]
     paragraphs = [p for p in paragraphs if p]
     # C-style docstrings open with a signature line ("dumps(obj) -> str"); the prose follows.
@@ -217,7 +248,8 @@ def summarize(docstring: str) -> str | None:
         paragraphs.pop(0)
     if not paragraphs or paragraphs[0].startswith(">>>") or len(paragraphs[0]) < 10:
         return None
-    return truncate(paragraphs[0])
+    sentence = first_sentence(markdown_code(paragraphs[0]))
+    return sentence if len(sentence) <= SUMMARY_MAX_CHARS else None
 
 
 def _parses(snippet: str) -> bool:
@@ -348,6 +380,50 @@ def extract_items(path: str, tree: ast.Module) -> list[Item]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Short functions as documents of their own
+
+MAX_FUNCTION_LINES = 20
+
+
+def _is_placeholder(node: ast.stmt) -> bool:
+    """`pass` or `...`: a body that shows nothing."""
+    if isinstance(node, ast.Pass):
+        return True
+    value = node.value if isinstance(node, ast.Expr) else None
+    return isinstance(value, ast.Constant) and value.value is Ellipsis
+
+
+def function_docs(path: str, tree: ast.Module, text: str) -> list[CodeDoc]:
+    """The file's short, self-contained documented functions, each dedented to a document of
+    its own: decorators, header, docstring and a real body, at most MAX_FUNCTION_LINES lines.
+    Methods that take `self` or `cls` are left in their classes: their bodies are about
+    attributes no document of their own could show.
+
+    A code-completion prompt is a function header and docstring at column 0, and asks for the
+    body. Whole files show that too, but among much else and cut into rows anywhere; these
+    documents make "header and docstring, then a body using the arguments, then the end of the
+    text" a pattern of its own."""
+    lines = text.split("\n")
+    nodes = [node for node in ast.walk(tree) if isinstance(node, FunctionNode)]
+    docs = []
+    for node in sorted(nodes, key=lambda n: n.lineno):
+        if ast.get_docstring(node) is None or _takes_self(node):
+            continue
+        if all(map(_is_placeholder, node.body[1:])):
+            continue
+        first = min([node.lineno, *(d.lineno for d in node.decorator_list)])
+        assert node.end_lineno is not None
+        if node.end_lineno - first + 1 > MAX_FUNCTION_LINES:
+            continue
+        snippet = textwrap.dedent("\n".join(lines[first - 1 : node.end_lineno])) + "\n"
+        # A docstring line left of the body's indentation keeps the snippet indented.
+        if snippet[:1].isspace() or not _parses(snippet):
+            continue
+        docs.append(CodeDoc(f"{path}:{first}", snippet))
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------
 # Conversation assembly
 
 REASONING_PROB = 0.10
@@ -450,17 +526,15 @@ def explain_turn(item: Item, rng: random.Random) -> Turn:
     intro = rng.choice(EXPLAIN_INTROS).format(**f)
     thought = (
         f"The user asks about {item.qualname}. It is a {item.kind} in the {item.module} module; "
-        f"its docstring says: {first_sentence(item.summary)}"
+        f"its docstring says: {item.summary}"
     )
     return Turn(rng.choice(EXPLAIN_QUESTIONS).format(**f), f"{intro} {item.summary}", thought)
 
 
 def _signature_answer(item: Item) -> str:
     assert item.signature is not None
-    return (
-        f"`{item.qualname}` is declared as:\n\n```python\n{item.signature}\n```\n\n"
-        f"{first_sentence(item.summary)}"
-    )
+    code = f"```python\n{item.signature}\n```"
+    return f"`{item.qualname}` is declared as:\n\n{code}\n\n{item.summary}"
 
 
 def signature_turn(item: Item, rng: random.Random) -> Turn:
@@ -536,8 +610,25 @@ def follow_up_turn(item: Item, rng: random.Random) -> Turn:
     return rng.choice(options)
 
 
+# Modules most programs import. Their definitions get extra explain and JSON conversations,
+# each drawn afresh (question, intro, system prompt, reasoning), so that what people ask about
+# most is what the model has seen most: one pass over every definition leaves a model this
+# size able to answer in the right shape, but not to recall each summary.
+_COMMON_MODULE_LIST = (
+    "abc argparse base64 bisect calendar collections collections.abc contextlib copy csv "
+    "dataclasses datetime difflib enum fnmatch fractions functools glob gzip hashlib heapq html "
+    "io json logging operator os os.path pathlib pickle pprint queue random re shlex shutil "
+    "socket statistics string subprocess tempfile textwrap threading traceback typing "
+    "urllib.parse urllib.request uuid warnings zipfile"
+)
+COMMON_MODULES = frozenset(_COMMON_MODULE_LIST.split())
+COMMON_EXTRA_EXPLAIN = 2
+COMMON_EXTRA_JSON = 1
+
+
 def item_conversations(item: Item, rng: random.Random, unique_name: bool) -> list[Conversation]:
-    """Every applicable kind of conversation about item, plus sometimes a two-turn one."""
+    """Every applicable kind of conversation about item, plus sometimes a two-turn one, and for
+    the definitions of COMMON_MODULES some more explain and JSON ones."""
     convs = [chat("explain", [explain_turn(item, rng)], rng)]
     if item.signature:
         convs.append(chat("signature", [signature_turn(item, rng)], rng))
@@ -550,6 +641,12 @@ def item_conversations(item: Item, rng: random.Random, unique_name: bool) -> lis
     if rng.random() < MULTI_TURN_PROB:
         turns = [explain_turn(item, rng), follow_up_turn(item, rng)]
         convs.append(chat("multi_turn", turns, rng))
+    if item.module in COMMON_MODULES:
+        for _ in range(COMMON_EXTRA_EXPLAIN):
+            convs.append(chat("explain", [explain_turn(item, rng)], rng))
+        for _ in range(COMMON_EXTRA_JSON):
+            system = rng.choice(JSON_SYSTEM_PROMPTS)
+            convs.append(chat("json", [json_turn(item, rng)], rng, system=system))
     return convs
 
 
@@ -1009,6 +1106,7 @@ MIN_SMALL_TALK_CONVERSATIONS = 10
 class Source:
     doc: CodeDoc
     items: list[Item]
+    functions: list[CodeDoc]
 
 
 def load_sources(root: Path, max_code_bytes: int | None = None) -> list[Source]:
@@ -1024,10 +1122,11 @@ def load_sources(root: Path, max_code_bytes: int | None = None) -> list[Source]:
         if max_code_bytes is not None and total + size > max_code_bytes:
             continue
         tree = parse_source(text)
-        if tree is None:
+        if tree is None or data_line_share(tree, text) > MAX_DATA_LINE_SHARE:
             continue
         total += size
-        sources.append(Source(CodeDoc(rel, text), extract_items(rel, tree)))
+        functions = function_docs(rel, tree, text)
+        sources.append(Source(CodeDoc(rel, text), extract_items(rel, tree), functions))
     return sources
 
 
@@ -1059,12 +1158,15 @@ def build_corpus(
     sources = load_sources(root, max_code_bytes)
     train_code: list[CodeDoc] = []
     heldout_code: list[CodeDoc] = []
+    train_functions: list[CodeDoc] = []
+    heldout_functions: list[CodeDoc] = []
     train_chat: list[Conversation] = []
     heldout_chat: list[Conversation] = []
     n_derived = 0
     for source, convs in zip(sources, _derived_conversations(sources, seed), strict=True):
         heldout = is_heldout_path(source.doc.path, heldout_fraction)
         (heldout_code if heldout else train_code).append(source.doc)
+        (heldout_functions if heldout else train_functions).extend(source.functions)
         (heldout_chat if heldout else train_chat).extend(convs)
         n_derived += len(convs)
 
@@ -1088,6 +1190,8 @@ def build_corpus(
     return Corpus(
         train_code=train_code,
         heldout_code=heldout_code,
+        train_functions=train_functions,
+        heldout_functions=heldout_functions,
         train_chat=train_chat,
         heldout_chat=heldout_chat,
         stdlib_root=str(root),
@@ -1115,6 +1219,9 @@ def main() -> None:
     for split, docs in (("train", corpus.train_code), ("heldout", corpus.heldout_code)):
         n_bytes = sum(len(d.text.encode()) for d in docs)
         print(f"{split} code: {len(docs)} files, {n_bytes} bytes")
+    for split, docs in (("train", corpus.train_functions), ("heldout", corpus.heldout_functions)):
+        n_bytes = sum(len(d.text.encode()) for d in docs)
+        print(f"{split} functions: {len(docs)}, {n_bytes} bytes")
     print(f"chat: {len(corpus.train_chat)} train, {len(corpus.heldout_chat)} heldout")
     for kind, count in kind_counts(chats).items():
         print(f"  {kind}: {count}")

@@ -4,7 +4,8 @@
 
 The held-out set is the part of the corpus the training run never saw (files picked by a hash
 of their path, and the conversations derived from them), encoded exactly like the training
-data: code on every token, conversations on the assistant turns. The unigram baseline uses
+data: code on every token, conversations on the assistant turns. Code is scored as whole files
+(the short functions cut out of them would count the same text twice). The unigram baseline uses
 token frequencies of the training set under the same tokenizer (add-one smoothed), so the two
 perplexities are per token of the same text.
 """
@@ -100,7 +101,8 @@ def perplexities(checkpoint: Path, max_heldout_tokens: int) -> dict:
     # The training run's seed: the same corpus, split and think-block coin flips.
     seed = recipe["seed"]
     corpus = build_corpus(seed=seed)
-    train = encode_all(tokenizer, corpus.train_code, corpus.train_chat, seed)
+    train_code = [*corpus.train_code, *corpus.train_functions]
+    train = encode_all(tokenizer, train_code, corpus.train_chat, seed)
     heldout = encode_all(tokenizer, corpus.heldout_code, corpus.heldout_chat, seed)
     kept, budget = [], max_heldout_tokens
     for ex in heldout:  # already shuffled: a prefix is a fair sample

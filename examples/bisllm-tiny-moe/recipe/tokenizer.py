@@ -3,6 +3,13 @@
 Byte-level, like Qwen's: any text encodes, nothing maps to an unknown token. The ChatML
 delimiters are special tokens (ids 0-2); the think / tool-call / tool-response tags are added
 tokens that stay in decoded text, so the Qwen-style parsers find them.
+
+Before BPE, text is split into pieces that no token crosses (PIECE_PATTERN). Line breaks are
+never joined to the indentation after them: with GPT-2's split, which the first model used,
+"\n" and the next line's indentation share one token, so a code prompt ending at a line break
+("...docstring.\"\"\"\n") ends in a bare "\n" token that in training only ever comes before
+an unindented line, and the model closed the function. Here a prompt that ends at a line break
+is tokenized exactly as the same text is inside a training file.
 """
 
 from __future__ import annotations
@@ -10,7 +17,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    pre_tokenizers,
+    trainers,
+)
 from transformers import PreTrainedTokenizerFast
 
 from recipe.chat_template import (
@@ -21,12 +36,34 @@ from recipe.chat_template import (
     SPECIAL_TOKENS,
 )
 
+# Pieces, in order of preference (the same split as Qwen2/Qwen3's tokenizers, without the
+# English contractions, which would cut `'s` out of Python strings like 'spam'):
+PIECE_PATTERN = "|".join(
+    [
+        r"[^\r\n\p{L}\p{N}]?\p{L}+",  # a word, maybe one character before it: " return", "_line"
+        r"\p{N}",  # one digit
+        r" ?[^\s\p{L}\p{N}]+[\r\n]*",  # punctuation, with the line breaks right after it: '):\n'
+        r"\s*[\r\n]+",  # other line breaks, with any spaces before them
+        r"\s+(?!\S)",  # indentation and other spaces, less the one a following word takes
+        r"\s+",
+    ]
+)
+
+
+def pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PIECE_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
     """BPE over `texts` (deterministic for the same texts in the same order); `vocab_size`
     counts everything, the markup tokens (the last ids) included."""
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizer()
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size - len(MARKUP_TOKENS),

@@ -59,8 +59,9 @@ PRESETS: dict[str, dict] = {
 
 
 def tokenizer_texts(corpus: Corpus) -> list[str]:
-    """What the BPE is trained on: every training code file, plus the chat examples flattened
-    to their message texts (the template's markup is added as whole tokens anyway)."""
+    """What the BPE is trained on: every training code file (not the functions cut out of
+    them again), plus the chat examples flattened to their message texts (the template's markup
+    is added as whole tokens anyway)."""
     texts = [doc.text for doc in corpus.train_code]
     for conv in corpus.train_chat:
         texts.append("\n".join(str(m.get("content") or "") for m in conv.messages))
@@ -104,9 +105,8 @@ def train(args: argparse.Namespace) -> list[dict]:
     tokenizer = train_tokenizer(tokenizer_texts(corpus), shape.vocab_size)
     assert len(tokenizer) == shape.vocab_size, (len(tokenizer), shape.vocab_size)
     print("encoding")
-    examples = encode_all(
-        tokenizer, corpus.train_code, corpus.train_chat, args.seed, args.chat_repeats
-    )
+    code = [*corpus.train_code, *corpus.train_functions * args.function_repeats]
+    examples = encode_all(tokenizer, code, corpus.train_chat, args.seed, args.chat_repeats)
     rows, masks = pack(examples, seq_len)
     print(f"{rows.shape[0]} rows of {seq_len} tokens; {steps} steps of {batch_size} rows")
 
@@ -180,6 +180,7 @@ def save(model, tokenizer, out: Path, corpus: Corpus, args, steps: int) -> None:
         "stdlib_root": corpus.stdlib_root,
         "train_code_files": len(corpus.train_code),
         "heldout_code_files": len(corpus.heldout_code),
+        "train_function_docs": len(corpus.train_functions),
         "train_conversations": len(corpus.train_chat),
         "heldout_conversations": len(corpus.heldout_chat),
         "shape": asdict(PRESETS[args.preset]["shape"]),
@@ -196,6 +197,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup", type=int, help="override the preset's warmup steps")
     parser.add_argument("--chat-repeats", type=int, default=2)
+    parser.add_argument(
+        "--function-repeats",
+        type=int,
+        default=2,
+        help="copies of each short function document, besides its whole file",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--loss-log", type=Path, help="write the JSON-lines loss log here")

@@ -5,10 +5,11 @@ arithmetic: gathered K/V copies, masks, padded expert groups. `kernels.cpp` does
 attention straight over the paged pool and the routed experts of a small batch as one op each
 (`torch.ops.bisllm_cpu.*`).
 
-They are built with torch's cpp_extension (a C++ compiler and ninja; ~30 s once, then cached
-per source, torch version and CPU). Where that is impossible, `available()` is False, the
-reason is logged once, and the engine keeps its pure-PyTorch paths, which compute the same
-thing. `BISLLM_CPU_KERNELS=0` turns them off.
+They are built with torch's cpp_extension: a C++ compiler, plus ninja, which the project
+depends on. The build takes 10-30 s once and is then cached per source, torch version and
+CPU. Where it is impossible, `available()` is False, the reason is logged once, and the
+engine keeps its pure-PyTorch paths, which compute the same thing. `BISLLM_CPU_KERNELS=0`
+turns them off.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import logging
 import os
 import platform
+import shutil
 import threading
 from pathlib import Path
 
@@ -53,9 +55,22 @@ def _build_directory() -> Path:
     return path
 
 
+def _ensure_ninja_on_path() -> None:
+    """cpp_extension runs `ninja` from PATH; the `ninja` wheel's binary is not there unless
+    the virtualenv is activated."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 def _build_and_load() -> None:
     from torch.utils.cpp_extension import load
 
+    _ensure_ninja_on_path()
     logger.info("building the CPU kernels (once per machine and torch version)")
     load(
         name="bisllm_cpu_kernels",
