@@ -68,6 +68,27 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         mlp_bias=True,
         rms_norm_eps=1e-5,
     ),
+    # GLM-4.5's shape: dense first layer, then MoE with a shared expert, QK-norm, q/k/v biases,
+    # RoPE on half of each head. Two expert groups (one kept) exercise DeepSeek-style group
+    # limiting, which the released GLM configs switch off (n_group 1).
+    "glm4_moe": dict(
+        _COMMON,
+        num_hidden_layers=3,
+        head_dim=32,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        first_k_dense_replace=1,
+        use_qk_norm=True,
+        attention_bias=True,
+        rms_norm_eps=1e-5,
+    ),
 }
 
 # name -> (family, config overrides, save_pretrained kwargs): the variants the tests cover.
@@ -88,6 +109,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "qwen3_moe_sharded": ("qwen3_moe", {}, dict(max_shard_size="100KB")),
     "mixtral": ("mixtral", {}, {}),
     "llama": ("llama", {}, {}),
+    "glm4_moe": ("glm4_moe", {}, {}),
     "llama3_rope": (
         "llama",
         dict(
@@ -114,6 +136,7 @@ def _classes(family: str) -> tuple[type, type]:
         "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
         "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
         "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM"),
     }
     if family not in names:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(names)}")
@@ -167,6 +190,10 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
             # ~1/sqrt(fan_in): logits spread out enough that greedy picks are never near-ties.
             values = torch.randn(param.shape, generator=gen) / param.shape[-1] ** 0.5
         param.copy_(values)
+    for name, buffer in model.named_buffers():
+        # DeepSeek / GLM routing bias (a buffer, zero at init): shifts which experts are chosen.
+        if name.endswith("e_score_correction_bias"):
+            buffer.copy_(0.2 * torch.randn(buffer.shape, generator=gen))
 
 
 def build_checkpoint(
@@ -177,7 +204,7 @@ def build_checkpoint(
     max_shard_size: str | None = None,
     **overrides: Any,
 ) -> Path:
-    """Write a tiny random `family` checkpoint ("qwen3_moe", "mixtral", "llama") into `path`.
+    """Write a tiny random `family` checkpoint (a key of FAMILY_DEFAULTS) into `path`.
 
     `overrides` are config fields; `max_shard_size` (e.g. "100KB") writes a sharded checkpoint
     with model.safetensors.index.json."""

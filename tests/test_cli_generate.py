@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 PROMPT_IDS = [5, 6, 7]
 CLI_ARGS = ["--prompt-ids", "5,6,7", "--max-tokens", "12", "--ignore-eos", "--json"]
-SUPPORTED = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "LlamaForCausalLM")
+SUPPORTED = ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "LlamaForCausalLM", "Glm4MoeForCausalLM")
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,24 @@ def test_prompt_ids_json_matches_transformers_greedy(model_dir, greedy_reference
     assert data["seconds"] >= 0
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     assert data["text"] == tokenizer.decode(data["token_ids"], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "llama", "glm4_moe"])
+def test_every_family_generates_like_transformers(family, checkpoint):
+    path = checkpoint(family)
+    ids = torch.tensor([PROMPT_IDS])
+    with torch.no_grad():
+        out = reference_model(path).generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=12,
+            eos_token_id=None,
+            pad_token_id=2,
+        )
+    result = generate(path, *CLI_ARGS)
+    assert result.exit_code == 0, result.output
+    assert last_json(result.stdout)["token_ids"] == out[0, len(PROMPT_IDS) :].tolist()
 
 
 def test_prompt_ids_accept_spaces(model_dir, greedy_reference):

@@ -34,7 +34,7 @@ from bisllm_server.engine.sampling import SamplingParams
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
-VARIANTS = ["qwen3_moe", "qwen3_moe_mixed", "mixtral", "llama"]
+VARIANTS = ["qwen3_moe", "qwen3_moe_mixed", "mixtral", "llama", "glm4_moe"]
 MAX_TOKENS = 64
 TOP_N = 5
 PREFILL_FLOOR = 0.05

@@ -32,7 +32,7 @@ from bisllm_server.engine.stats import EngineStats
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-FAMILIES = ["qwen3_moe", "mixtral", "llama"]
+FAMILIES = ["qwen3_moe", "mixtral", "llama", "glm4_moe"]
 WITH_MIXED = [*FAMILIES, "qwen3_moe_mixed"]
 MAX_TOKENS = 64
 EOS = 0

@@ -25,7 +25,7 @@ from bisllm_server.engine.models import (
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-FAMILY_VARIANTS = ["qwen3_moe", "mixtral", "llama"]
+FAMILY_VARIANTS = ["qwen3_moe", "mixtral", "llama", "glm4_moe"]
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bisllm_server.engine.layers.mlp import silu_and_mul
+from bisllm_server.engine.layers.mlp import SwiGLUMLP, silu_and_mul
 
 
 def softmax_topk(
@@ -192,8 +192,56 @@ class FusedExperts(nn.Module):
         return self.backend.forward(x, topk_ids, topk_weights, self.w13, self.w2)
 
 
+class GroupedTopkRouter(nn.Module):
+    """DeepSeek-V3 / GLM-4.5 routing, computed in fp32 as transformers does.
+
+    Scores are sigmoid(x @ weight.T). The choice adds `e_score_correction_bias` (learned
+    load balancing, never part of the weights), keeps the `topk_group` groups whose two best
+    scores sum highest, and takes the top-k experts inside them. The weights are the plain
+    scores of those experts, renormalised when `renormalize`, times `scaling`."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        renormalize: bool,
+        n_group: int,
+        topk_group: int,
+        scaling: float,
+    ) -> None:
+        super().__init__()
+        if num_experts % n_group:
+            raise ValueError(
+                f"n_routed_experts ({num_experts}) must be a multiple of n_group ({n_group})"
+            )
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts))
+        self.top_k, self.renormalize = top_k, renormalize
+        self.n_group, self.topk_group, self.scaling = n_group, topk_group, scaling
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(topk_weights [T, k] in x's dtype, topk_ids [T, k] int64)."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias.float()
+        if self.topk_group < self.n_group:
+            groups = choice.view(x.shape[0], self.n_group, -1)
+            group_scores = groups.topk(2, dim=-1).values.sum(-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            choice = groups.masked_fill(mask[:, :, None], float("-inf")).view_as(choice)
+        ids = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, ids)
+        if self.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return (weights * self.scaling).to(x.dtype), ids
+
+
 class SparseMoE(nn.Module):
-    """Router (`gate`, [E, H], no bias) + routed experts (+ optional shared expert)."""
+    """Router (`gate`) + routed experts (+ optional shared expert).
+
+    The router is a bias-free linear [E, H] followed by softmax top-k, or, with
+    `router="sigmoid_grouped"`, a GroupedTopkRouter."""
 
     def __init__(
         self,
@@ -202,18 +250,41 @@ class SparseMoE(nn.Module):
         num_experts: int,
         top_k: int,
         renormalize: bool,
+        router: str = "softmax",
+        n_group: int = 1,
+        topk_group: int = 1,
+        routed_scaling_factor: float = 1.0,
+        shared_intermediate_size: int = 0,
     ) -> None:
         super().__init__()
         self.top_k = top_k
         self.renormalize = renormalize
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.gate: nn.Module
+        if router == "softmax":
+            self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        elif router == "sigmoid_grouped":
+            self.gate = GroupedTopkRouter(
+                hidden_size,
+                num_experts,
+                top_k,
+                renormalize,
+                n_group,
+                topk_group,
+                routed_scaling_factor,
+            )
+        else:
+            raise ValueError(f"router must be 'softmax' or 'sigmoid_grouped', got {router!r}")
         self.experts = FusedExperts(num_experts, hidden_size, intermediate_size)
-        # Hook for families with an always-on shared expert (DeepSeek, GLM, Llama 4): a module
-        # mapping [T, H] -> [T, H] whose output is added to the routed sum. None here.
-        self.shared_experts: nn.Module | None = None
+        # Always-on shared expert (DeepSeek, GLM, Llama 4), added to the routed sum.
+        self.shared_experts: nn.Module | None = (
+            SwiGLUMLP(hidden_size, shared_intermediate_size) if shared_intermediate_size else None
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = softmax_topk(self.gate(x), self.top_k, self.renormalize)
+        if isinstance(self.gate, GroupedTopkRouter):
+            weights, ids = self.gate(x)
+        else:
+            weights, ids = softmax_topk(self.gate(x), self.top_k, self.renormalize)
         out = self.experts(x, ids, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

@@ -6,6 +6,7 @@ from typing import Any
 
 from bisllm_server.engine.models.config import DecoderConfig, UnsupportedModelError
 from bisllm_server.engine.models.decoder import DecoderForCausalLM
+from bisllm_server.engine.models.glm4_moe import Glm4MoeForCausalLM
 from bisllm_server.engine.models.llama import LlamaForCausalLM
 from bisllm_server.engine.models.mixtral import MixtralForCausalLM
 from bisllm_server.engine.models.qwen3_moe import Qwen3MoeForCausalLM
@@ -15,11 +16,13 @@ ARCHITECTURES: dict[str, type[DecoderForCausalLM]] = {
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
+    "Glm4MoeForCausalLM": Glm4MoeForCausalLM,
 }
 MODEL_TYPES: dict[str, type[DecoderForCausalLM]] = {
     "qwen3_moe": Qwen3MoeForCausalLM,
     "mixtral": MixtralForCausalLM,
     "llama": LlamaForCausalLM,
+    "glm4_moe": Glm4MoeForCausalLM,
 }
 
 

@@ -40,6 +40,16 @@ class DecoderConfig:
     top_k: int = 0
     moe_intermediate_size: int = 0
     renormalize: bool = True  # renormalise the top-k router weights to sum to one
+    # "softmax": softmax over experts, then top-k (Qwen3-MoE, Mixtral). "sigmoid_grouped":
+    # DeepSeek-V3 / GLM-4.5 scoring: sigmoid scores, a per-expert correction bias used for the
+    # choice only, top-k within the `topk_group` best of `n_group` expert groups, weights
+    # scaled by `routed_scaling_factor`.
+    router: str = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    # Always-on shared expert next to the routed ones (DeepSeek, GLM); 0 = none.
+    shared_expert_intermediate_size: int = 0
 
 
 def require(hf: dict[str, Any], key: str) -> Any:

@@ -80,6 +80,11 @@ class DecoderLayer(nn.Module):
                 cfg.num_experts,
                 cfg.top_k,
                 cfg.renormalize,
+                router=cfg.router,
+                n_group=cfg.n_group,
+                topk_group=cfg.topk_group,
+                routed_scaling_factor=cfg.routed_scaling_factor,
+                shared_intermediate_size=cfg.shared_expert_intermediate_size,
             )
         else:
             self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)

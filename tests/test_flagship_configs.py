@@ -1,0 +1,147 @@
+"""Published flagship config.json values build our model classes on the `meta` device (no
+memory) with the published total and active parameter counts.
+
+The configs below are written from the values the model repositories publish (see
+shared/reference/model-families.md, sections 6 and 9). Totals must equal transformers' own
+meta-device count of the same config exactly, and round to the published sizes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from bisllm_server.engine.models import resolve_architecture
+from bisllm_server.engine.models.config import DecoderConfig
+
+QWEN3_30B_A3B: dict[str, Any] = dict(
+    architectures=["Qwen3MoeForCausalLM"],
+    model_type="qwen3_moe",
+    vocab_size=151936,
+    hidden_size=2048,
+    intermediate_size=6144,
+    moe_intermediate_size=768,
+    num_hidden_layers=48,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    head_dim=128,
+    num_experts=128,
+    num_experts_per_tok=8,
+    norm_topk_prob=True,
+    decoder_sparse_step=1,
+    mlp_only_layers=[],
+    max_position_embeddings=40960,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+)
+
+GLM_4_5: dict[str, Any] = dict(
+    architectures=["Glm4MoeForCausalLM"],
+    model_type="glm4_moe",
+    vocab_size=151552,
+    hidden_size=5120,
+    intermediate_size=12288,
+    moe_intermediate_size=1536,
+    num_hidden_layers=92,
+    num_attention_heads=96,
+    num_key_value_heads=8,
+    head_dim=128,
+    n_routed_experts=160,
+    n_shared_experts=1,
+    num_experts_per_tok=8,
+    first_k_dense_replace=3,
+    n_group=1,
+    topk_group=1,
+    routed_scaling_factor=2.5,
+    norm_topk_prob=True,
+    use_qk_norm=True,
+    attention_bias=True,
+    partial_rotary_factor=0.5,
+    max_position_embeddings=131072,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    num_nextn_predict_layers=1,
+)
+
+GLM_4_5_AIR: dict[str, Any] = dict(
+    GLM_4_5,
+    hidden_size=4096,
+    intermediate_size=10944,
+    moe_intermediate_size=1408,
+    num_hidden_layers=46,
+    n_routed_experts=128,
+    first_k_dense_replace=1,
+    routed_scaling_factor=1.0,
+    use_qk_norm=False,
+)
+
+
+def counts(hf_config: dict[str, Any]) -> tuple[int, int, int, DecoderConfig]:
+    """(total, active, embedding + head) parameters, and the parsed config."""
+    _, cls = resolve_architecture(hf_config)
+    with torch.device("meta"):
+        model = cls(hf_config)
+    cfg = model.config
+    total = sum(p.numel() for p in model.parameters())
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    idle = (cfg.num_experts - cfg.top_k) * per_expert * len(cfg.moe_layers)
+    embeddings = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    return total, total - idle, embeddings, cfg
+
+
+def transformers_count(hf_config: dict[str, Any]) -> int:
+    """transformers' own meta-device count, routing-bias buffers included (ours are
+    parameters, loaded like any weight)."""
+    import transformers
+
+    config_cls = {"qwen3_moe": "Qwen3MoeConfig", "glm4_moe": "Glm4MoeConfig"}
+    kwargs = {k: v for k, v in hf_config.items() if k not in ("architectures", "model_type")}
+    config = getattr(transformers, config_cls[hf_config["model_type"]])(**kwargs)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    biases = sum(b.numel() for n, b in model.named_buffers() if "e_score_correction" in n)
+    return sum(p.numel() for p in model.parameters()) + biases
+
+
+# Published sizes, in billions: total, and active per token. Qwen counts the embedding and the
+# head as active (3.3B of 30.5B); Zhipu does not (32B of 355B, 12B of 106B), so for GLM the
+# active figure is compared without them.
+@pytest.mark.parametrize(
+    ("config", "total", "active", "active_counts_embeddings"),
+    [
+        (QWEN3_30B_A3B, 30.5, 3.3, True),
+        (GLM_4_5, 355, 32, False),
+        (GLM_4_5_AIR, 106, 12, False),
+    ],
+    ids=["Qwen3-30B-A3B", "GLM-4.5", "GLM-4.5-Air"],
+)
+def test_flagship_parameter_counts(config, total, active, active_counts_embeddings):
+    got_total, got_active, embeddings, _ = counts(config)
+    assert got_total == transformers_count(config)
+    # GLM-4.5's published 355B includes its MTP layer, which transformers does not build.
+    assert got_total / 1e9 == pytest.approx(total, rel=0.015)
+    if not active_counts_embeddings:
+        got_active -= embeddings
+    assert got_active / 1e9 == pytest.approx(active, rel=0.03)
+
+
+def test_glm_config_parsing():
+    *_, cfg = counts(GLM_4_5)
+    assert cfg.moe_layers == frozenset(range(3, 92))  # three dense layers first
+    assert cfg.router == "sigmoid_grouped" and cfg.routed_scaling_factor == 2.5
+    assert cfg.shared_expert_intermediate_size == 1536
+    assert cfg.qkv_bias and not cfg.o_bias and cfg.qk_norm
+    assert cfg.rope["partial_rotary_factor"] == 0.5
+    *_, air = counts({k: v for k, v in GLM_4_5_AIR.items() if k != "partial_rotary_factor"})
+    assert not air.qk_norm and air.moe_layers == frozenset(range(1, 46))
+    assert air.rope["partial_rotary_factor"] == 0.5  # transformers' default when absent
+
+
+def test_expert_groups_must_divide_the_experts():
+    with pytest.raises(
+        ValueError, match=r"n_routed_experts \(160\) must be a multiple of n_group \(3\)"
+    ):
+        counts(dict(GLM_4_5, n_group=3, topk_group=1))
