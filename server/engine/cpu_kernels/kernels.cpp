@@ -87,6 +87,19 @@ BISLLM_INLINE float fast_exp(float x) {
   return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
 }
 
+// s[i] = e^(s[i] - max(s)) in place; returns 1 / sum of the new values (softmax = s * that).
+inline float exp_shifted(float* s, int64_t n) {
+  float peak = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) peak = std::max(peak, s[i]);
+  float total = 0.f;
+#pragma omp simd reduction(+ : total)
+  for (int64_t i = 0; i < n; ++i) {
+    s[i] = fast_exp(s[i] - peak);
+    total += s[i];
+  }
+  return 1.f / total;
+}
+
 BISLLM_INLINE float dot(const float* a, const float* b, int64_t n) {
   float sum = 0.f;
 #pragma omp simd reduction(+ : sum)
@@ -131,7 +144,7 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_buf, const
   // One work item per (sequence, KV head): its query-head group shares every K/V row read.
   at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> queries(group * head_dim), scores(group * max_kv), acc(group * head_dim);
-    std::vector<float> row(head_dim);
+    std::vector<float> row(head_dim), inv_sum(group);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads;
       const int64_t kv_len = len_ptr[seq];
@@ -146,19 +159,7 @@ void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_buf, const
           scores[g * max_kv + pos] =
               dot(queries.data() + g * head_dim, row.data(), head_dim) * softmax_scale;
       }
-      std::vector<float> inv_sum(group);
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * max_kv;
-        float peak = -std::numeric_limits<float>::infinity();
-        for (int64_t pos = 0; pos < kv_len; ++pos) peak = std::max(peak, s[pos]);
-        float total = 0.f;
-#pragma omp simd reduction(+ : total)
-        for (int64_t pos = 0; pos < kv_len; ++pos) {
-          s[pos] = fast_exp(s[pos] - peak);
-          total += s[pos];
-        }
-        inv_sum[g] = 1.f / total;
-      }
+      for (int64_t g = 0; g < group; ++g) inv_sum[g] = exp_shifted(scores.data() + g * max_kv, kv_len);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t pos = 0; pos < kv_len; ++pos) {
         widen(v_ptr + slots[pos] * v_slot_stride + kv_head * v_head_stride, row.data(), head_dim);
@@ -224,18 +225,7 @@ void decode_attention_avx512(const at::Tensor& q, const at::Tensor& k_buf, const
           scores[g * max_kv + pos] = _mm512_reduce_add_ps(sum);
         }
       }
-      for (int64_t g = 0; g < group; ++g) {
-        float* s = scores.data() + g * max_kv;
-        float peak = -std::numeric_limits<float>::infinity();
-        for (int64_t pos = 0; pos < kv_len; ++pos) peak = std::max(peak, s[pos]);
-        float total = 0.f;
-#pragma omp simd reduction(+ : total)
-        for (int64_t pos = 0; pos < kv_len; ++pos) {
-          s[pos] = fast_exp(s[pos] - peak);
-          total += s[pos];
-        }
-        inv_sum[g] = 1.f / total;
-      }
+      for (int64_t g = 0; g < group; ++g) inv_sum[g] = exp_shifted(scores.data() + g * max_kv, kv_len);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t pos = 0; pos < kv_len; ++pos) {
         const scalar_t* value = v_ptr + slots[pos] * v_slot_stride + kv_head * v_head_stride;
