@@ -80,12 +80,13 @@ GLM_4_5_AIR: dict[str, Any] = dict(
 
 
 def counts(hf_config: dict[str, Any]) -> tuple[int, int, int, DecoderConfig]:
-    """(total, active, embedding + head) parameters, and the parsed config."""
+    """(total, active, embedding + head) parameters without the MTP layers, and the parsed
+    config."""
     _, cls = resolve_architecture(hf_config)
     with torch.device("meta"):
         model = cls(hf_config)
     cfg = model.config
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
     per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
     idle = (cfg.num_experts - cfg.top_k) * per_expert * len(cfg.moe_layers)
     embeddings = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
@@ -121,8 +122,16 @@ def transformers_count(hf_config: dict[str, Any]) -> int:
 def test_flagship_parameter_counts(config, total, active, active_counts_embeddings):
     got_total, got_active, embeddings, _ = counts(config)
     assert got_total == transformers_count(config)
-    # GLM-4.5's published 355B includes its MTP layer, which transformers does not build.
     assert got_total / 1e9 == pytest.approx(total, rel=0.015)
+    if config.get("num_nextn_predict_layers"):
+        # The MTP layer: one more MoE decoder layer, eh_proj [H, 2H] and three norms.
+        with torch.device("meta"):
+            model = resolve_architecture(config)[1](config)
+        assert model.mtp is not None
+        hidden = model.config.hidden_size
+        block = sum(p.numel() for p in model.model.layers[-1].parameters())
+        mtp = sum(p.numel() for p in model.mtp.parameters())
+        assert mtp == block + 2 * hidden * hidden + 3 * hidden
     if not active_counts_embeddings:
         got_active -= embeddings
     assert got_active / 1e9 == pytest.approx(active, rel=0.03)

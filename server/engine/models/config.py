@@ -50,6 +50,9 @@ class DecoderConfig:
     routed_scaling_factor: float = 1.0
     # Always-on shared expert next to the routed ones (DeepSeek, GLM); 0 = none.
     shared_expert_intermediate_size: int = 0
+    # Multi-token-prediction (NextN) layers stored after the decoder layers (DeepSeek-V3, GLM):
+    # loaded when the checkpoint has them and kept for speculative decoding.
+    num_mtp_layers: int = 0
 
 
 def require(hf: dict[str, Any], key: str) -> Any:

@@ -69,11 +69,12 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig, layer_id: int) -> None:
+    def __init__(self, cfg: DecoderConfig, layer_id: int, moe: bool | None = None) -> None:
+        """`moe` overrides the config's choice of MoE vs dense for this layer."""
         super().__init__()
         self.self_attn = Attention(cfg, layer_id)
         self.mlp: nn.Module
-        if layer_id in cfg.moe_layers:
+        if layer_id in cfg.moe_layers if moe is None else moe:
             self.mlp = SparseMoE(
                 cfg.hidden_size,
                 cfg.moe_intermediate_size,
@@ -96,6 +97,24 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MtpLayer(nn.Module):
+    """One multi-token-prediction (NextN) layer of DeepSeek-V3 / GLM-4.5: it predicts the token
+    after next from the main model's last hidden state h and the next token's embedding e as
+    norm(block(eh_proj([enorm(e), hnorm(h)]))), through the shared head. Loaded and kept for
+    speculative decoding; the engine does not run it yet.
+
+    Checkpoint names: model.layers.{num_layers + i}.{enorm, hnorm, eh_proj, shared_head.norm}
+    and the block's own decoder-layer tensors; the embedding and head are shared."""
+
+    def __init__(self, cfg: DecoderConfig, layer_id: int) -> None:
+        super().__init__()
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.block = DecoderLayer(cfg, layer_id, moe=bool(cfg.moe_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
 class DecoderModel(nn.Module):
@@ -137,6 +156,12 @@ class DecoderForCausalLM(nn.Module):
             if self.config.tie_word_embeddings
             else nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
         )
+        cfg = self.config
+        self.mtp: nn.ModuleList | None = (
+            nn.ModuleList(MtpLayer(cfg, cfg.num_layers + i) for i in range(cfg.num_mtp_layers))
+            if cfg.num_mtp_layers
+            else None
+        )
 
     # no_grad rather than inference_mode: callers may edit the returned logits in place.
     @torch.no_grad()
@@ -157,8 +182,23 @@ class DecoderForCausalLM(nn.Module):
         cfg = self.config
         mapper = WeightMapper(self, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
         # A tied head has no parameter of its own; a checkpoint may still carry a copy.
-        skip = ("lm_head.weight",) if self.lm_head is None else ()
-        load_checkpoint_weights(self, weights, mapper, self.checkpoint_renames, skip)
+        skip = ["lm_head.weight"] if self.lm_head is None else []
+        renames = list(self.checkpoint_renames)
+        for i in range(cfg.num_mtp_layers):
+            layer = rf"^model\.layers\.{cfg.num_layers + i}\."
+            renames += [
+                (layer + r"(enorm|hnorm|eh_proj)\.", rf"mtp.{i}.\1."),
+                (layer + r"shared_head\.norm\.", rf"mtp.{i}.norm."),
+                (layer, rf"mtp.{i}.block."),
+            ]
+            # Copies of the shared embedding and head that some MTP checkpoints carry.
+            prefix = f"model.layers.{cfg.num_layers + i}."
+            skip += [prefix + "embed_tokens.weight", prefix + "shared_head.head.weight"]
+        found_mtp = load_checkpoint_weights(
+            self, weights, mapper, renames, skip, optional_prefix="mtp."
+        )
+        if self.mtp is not None and not found_mtp:
+            self.mtp = None  # checkpoints saved by transformers leave the MTP layers out
         for module in self.modules():
             if isinstance(module, Attention):
                 module._qk_norm_weight = None

@@ -7,6 +7,8 @@
   `topk_group`), `norm_topk_prob`, `routed_scaling_factor`, plus `n_shared_experts` always-on
   experts fused into one SwiGLU of `moe_intermediate_size * n_shared_experts`.
 - The first `first_k_dense_replace` layers are dense MLPs of `intermediate_size`.
+- `num_nextn_predict_layers` MTP layers, stored as the layers after the last one, are loaded
+  when the checkpoint has them (see decoder.MtpLayer).
 """
 
 from __future__ import annotations
@@ -44,4 +46,5 @@ class Glm4MoeForCausalLM(DecoderForCausalLM):
             topk_group=hf.get("topk_group") or 1,
             routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
             shared_expert_intermediate_size=moe_intermediate * hf.get("n_shared_experts", 1),
+            num_mtp_layers=hf.get("num_nextn_predict_layers") or hf.get("num_mtp_layers") or 0,
         )

@@ -88,9 +88,13 @@ def load_checkpoint_weights(
     mapper: WeightMapper,
     renames: Iterable[tuple[str, str]] = (),
     skip: Iterable[str] = (),
-) -> None:
+    optional_prefix: str | None = None,
+) -> bool:
     """Copy every (name, tensor) into place; raise CheckpointMismatchError on an unknown or
-    misshapen tensor, and after the last one if any parameter was not (fully) written."""
+    misshapen tensor, and after the last one if any parameter was not (fully) written.
+
+    Parameters under `optional_prefix` (e.g. the MTP layers) may be absent as a group: then
+    they count as missing only if some of them were written. Returns whether any was."""
     compiled = [(re.compile(pattern), repl) for pattern, repl in renames]
     skip = set(skip)
     loaded: dict[str, set[str]] = defaultdict(set)  # parameter -> shard labels written
@@ -114,8 +118,13 @@ def load_checkpoint_weights(
             dest.copy_(tensor)
         loaded[pname].add(shard)
 
+    optional_loaded = optional_prefix is not None and any(
+        pname.startswith(optional_prefix) for pname in loaded
+    )
     missing = []
     for pname in mapper.params:
+        if optional_prefix and pname.startswith(optional_prefix) and not optional_loaded:
+            continue
         got = loaded[pname]
         if "all" in got:
             continue
@@ -128,6 +137,7 @@ def load_checkpoint_weights(
         raise CheckpointMismatchError(
             f"checkpoint is missing weights for {len(missing)} parameter(s): {', '.join(missing[:20])}{more}"
         )
+    return optional_loaded
 
 
 def _natural(label: str) -> tuple[int, str]:
