@@ -119,55 +119,91 @@ void check_cpu(const at::Tensor& t, const char* name) {
 // ---------------------------------------------------------------------------------------------
 // Decode attention over the paged pool.
 
+// Pointers and strides of one decode_attention call, shared by its kernels.
+template <typename scalar_t>
+struct DecodeAttentionView {
+  DecodeAttentionView(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf,
+                      const at::Tensor& kv_slots, const at::Tensor& lens, double softmax_scale,
+                      at::Tensor& out)
+      : num_seqs(q.size(0)),
+        num_heads(q.size(1)),
+        head_dim(q.size(2)),
+        num_kv_heads(k_buf.size(1)),
+        group(num_heads / num_kv_heads),
+        max_kv(kv_slots.size(1)),
+        scale(static_cast<float>(softmax_scale)),
+        slots(kv_slots.const_data_ptr<int64_t>()),
+        kv_lens(lens.const_data_ptr<int64_t>()),
+        q_ptr(q.const_data_ptr<scalar_t>()),
+        k_ptr(k_buf.const_data_ptr<scalar_t>()),
+        v_ptr(v_buf.const_data_ptr<scalar_t>()),
+        out_ptr(out.data_ptr<scalar_t>()),
+        q_strides{q.stride(0), q.stride(1)},
+        k_strides{k_buf.stride(0), k_buf.stride(1)},
+        v_strides{v_buf.stride(0), v_buf.stride(1)} {}
+
+  // One work item per (sequence, KV head): its query-head group shares every K/V row read.
+  int64_t num_items() const { return num_seqs * num_kv_heads; }
+  const scalar_t* query(int64_t seq, int64_t head) const {
+    return q_ptr + seq * q_strides[0] + head * q_strides[1];
+  }
+  const scalar_t* key(int64_t slot, int64_t kv_head) const {
+    return k_ptr + slot * k_strides[0] + kv_head * k_strides[1];
+  }
+  const scalar_t* value(int64_t slot, int64_t kv_head) const {
+    return v_ptr + slot * v_strides[0] + kv_head * v_strides[1];
+  }
+  scalar_t* output(int64_t seq, int64_t head) const {
+    return out_ptr + (seq * num_heads + head) * head_dim;
+  }
+
+  const int64_t num_seqs, num_heads, head_dim, num_kv_heads, group, max_kv;
+  const float scale;
+  const int64_t* slots;    // [num_seqs, max_kv]
+  const int64_t* kv_lens;  // [num_seqs]
+  const scalar_t* q_ptr;
+  const scalar_t* k_ptr;
+  const scalar_t* v_ptr;
+  scalar_t* out_ptr;
+  const int64_t q_strides[2], k_strides[2], v_strides[2];
+};
+
 // kHeadDim > 0 fixes head_dim at compile time, so the per-position loops (a few vectors
 // long) are fully unrolled; loop set-up costs more than the arithmetic at these lengths.
 template <typename scalar_t, int64_t kHeadDim>
 void decode_attention_kernel(const at::Tensor& q, const at::Tensor& k_buf, const at::Tensor& v_buf,
                              const at::Tensor& kv_slots, const at::Tensor& kv_lens, double scale,
                              at::Tensor& out) {
-  const int64_t num_seqs = q.size(0), num_heads = q.size(1);
-  const int64_t head_dim = kHeadDim > 0 ? kHeadDim : q.size(2);
-  const int64_t num_kv_heads = k_buf.size(1);
-  const int64_t group = num_heads / num_kv_heads;
-  const int64_t max_kv = kv_slots.size(1);
-  const auto* q_ptr = q.const_data_ptr<scalar_t>();
-  const auto* k_ptr = k_buf.const_data_ptr<scalar_t>();
-  const auto* v_ptr = v_buf.const_data_ptr<scalar_t>();
-  const auto* slot_ptr = kv_slots.const_data_ptr<int64_t>();
-  const auto* len_ptr = kv_lens.const_data_ptr<int64_t>();
-  auto* out_ptr = out.data_ptr<scalar_t>();
-  const int64_t q_seq_stride = q.stride(0), q_head_stride = q.stride(1);
-  const int64_t k_slot_stride = k_buf.stride(0), k_head_stride = k_buf.stride(1);
-  const int64_t v_slot_stride = v_buf.stride(0), v_head_stride = v_buf.stride(1);
-  const float softmax_scale = static_cast<float>(scale);
+  const DecodeAttentionView<scalar_t> a(q, k_buf, v_buf, kv_slots, kv_lens, scale, out);
+  const int64_t head_dim = kHeadDim > 0 ? kHeadDim : a.head_dim;
+  const int64_t group = a.group, max_kv = a.max_kv;
 
-  // One work item per (sequence, KV head): its query-head group shares every K/V row read.
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.num_items(), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> queries(group * head_dim), scores(group * max_kv), acc(group * head_dim);
     std::vector<float> row(head_dim), inv_sum(group);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads;
-      const int64_t kv_len = len_ptr[seq];
-      const int64_t* slots = slot_ptr + seq * max_kv;
+      const int64_t seq = item / a.num_kv_heads, kv_head = item % a.num_kv_heads;
+      const int64_t kv_len = a.kv_lens[seq];
+      const int64_t* slots = a.slots + seq * max_kv;
       for (int64_t g = 0; g < group; ++g) {
-        const scalar_t* src = q_ptr + seq * q_seq_stride + (kv_head * group + g) * q_head_stride;
+        const scalar_t* src = a.query(seq, kv_head * group + g);
         widen(src, queries.data() + g * head_dim, head_dim);
       }
       for (int64_t pos = 0; pos < kv_len; ++pos) {
-        widen(k_ptr + slots[pos] * k_slot_stride + kv_head * k_head_stride, row.data(), head_dim);
+        widen(a.key(slots[pos], kv_head), row.data(), head_dim);
         for (int64_t g = 0; g < group; ++g)
           scores[g * max_kv + pos] =
-              dot(queries.data() + g * head_dim, row.data(), head_dim) * softmax_scale;
+              dot(queries.data() + g * head_dim, row.data(), head_dim) * a.scale;
       }
       for (int64_t g = 0; g < group; ++g) inv_sum[g] = exp_shifted(scores.data() + g * max_kv, kv_len);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t pos = 0; pos < kv_len; ++pos) {
-        widen(v_ptr + slots[pos] * v_slot_stride + kv_head * v_head_stride, row.data(), head_dim);
+        widen(a.value(slots[pos], kv_head), row.data(), head_dim);
         for (int64_t g = 0; g < group; ++g)
           axpy(scores[g * max_kv + pos], row.data(), acc.data() + g * head_dim, head_dim);
       }
       for (int64_t g = 0; g < group; ++g) {
-        scalar_t* dst = out_ptr + (seq * num_heads + kv_head * group + g) * head_dim;
+        scalar_t* dst = a.output(seq, kv_head * group + g);
         const float* src = acc.data() + g * head_dim;
         for (int64_t d = 0; d < head_dim; ++d) dst[d] = static_cast<scalar_t>(src[d] * inv_sum[g]);
       }
@@ -184,37 +220,25 @@ void decode_attention_avx512(const at::Tensor& q, const at::Tensor& k_buf, const
                              at::Tensor& out) {
   static_assert(kHeadDim % 16 == 0 && kHeadDim <= 256, "head_dim must be whole vectors");
   constexpr int64_t kVectors = kHeadDim / 16;
-  const int64_t num_seqs = q.size(0), num_heads = q.size(1);
-  const int64_t num_kv_heads = k_buf.size(1);
-  const int64_t group = num_heads / num_kv_heads;
-  const int64_t max_kv = kv_slots.size(1);
-  const auto* q_ptr = q.const_data_ptr<scalar_t>();
-  const auto* k_ptr = k_buf.const_data_ptr<scalar_t>();
-  const auto* v_ptr = v_buf.const_data_ptr<scalar_t>();
-  const auto* slot_ptr = kv_slots.const_data_ptr<int64_t>();
-  const auto* len_ptr = kv_lens.const_data_ptr<int64_t>();
-  auto* out_ptr = out.data_ptr<scalar_t>();
-  const int64_t q_seq_stride = q.stride(0), q_head_stride = q.stride(1);
-  const int64_t k_slot_stride = k_buf.stride(0), k_head_stride = k_buf.stride(1);
-  const int64_t v_slot_stride = v_buf.stride(0), v_head_stride = v_buf.stride(1);
-  const float softmax_scale = static_cast<float>(scale);
+  const DecodeAttentionView<scalar_t> a(q, k_buf, v_buf, kv_slots, kv_lens, scale, out);
+  const int64_t group = a.group, max_kv = a.max_kv;
   constexpr __mmask16 kAll = 0xFFFF;
 
-  at::parallel_for(0, num_seqs * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.num_items(), 1, [&](int64_t begin, int64_t end) {
     std::vector<float> queries(group * kHeadDim), scores(group * max_kv), acc(group * kHeadDim);
     std::vector<float> inv_sum(group);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t seq = item / num_kv_heads, kv_head = item % num_kv_heads;
-      const int64_t kv_len = len_ptr[seq];
-      const int64_t* slots = slot_ptr + seq * max_kv;
+      const int64_t seq = item / a.num_kv_heads, kv_head = item % a.num_kv_heads;
+      const int64_t kv_len = a.kv_lens[seq];
+      const int64_t* slots = a.slots + seq * max_kv;
       for (int64_t g = 0; g < group; ++g) {
-        const scalar_t* src = q_ptr + seq * q_seq_stride + (kv_head * group + g) * q_head_stride;
+        const scalar_t* src = a.query(seq, kv_head * group + g);
         for (int64_t v = 0; v < kVectors; ++v)
           _mm512_storeu_ps(queries.data() + g * kHeadDim + 16 * v,
-                           _mm512_mul_ps(load16(src + 16 * v, kAll), _mm512_set1_ps(softmax_scale)));
+                           _mm512_mul_ps(load16(src + 16 * v, kAll), _mm512_set1_ps(a.scale)));
       }
       for (int64_t pos = 0; pos < kv_len; ++pos) {
-        const scalar_t* key = k_ptr + slots[pos] * k_slot_stride + kv_head * k_head_stride;
+        const scalar_t* key = a.key(slots[pos], kv_head);
         __m512 row[kVectors];
         for (int64_t v = 0; v < kVectors; ++v) row[v] = load16(key + 16 * v, kAll);
         for (int64_t g = 0; g < group; ++g) {
@@ -228,18 +252,18 @@ void decode_attention_avx512(const at::Tensor& q, const at::Tensor& k_buf, const
       for (int64_t g = 0; g < group; ++g) inv_sum[g] = exp_shifted(scores.data() + g * max_kv, kv_len);
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t pos = 0; pos < kv_len; ++pos) {
-        const scalar_t* value = v_ptr + slots[pos] * v_slot_stride + kv_head * v_head_stride;
+        const scalar_t* value = a.value(slots[pos], kv_head);
         __m512 row[kVectors];
         for (int64_t v = 0; v < kVectors; ++v) row[v] = load16(value + 16 * v, kAll);
         for (int64_t g = 0; g < group; ++g) {
           const __m512 weight = _mm512_set1_ps(scores[g * max_kv + pos]);
-          float* a = acc.data() + g * kHeadDim;
+          float* sum = acc.data() + g * kHeadDim;
           for (int64_t v = 0; v < kVectors; ++v)
-            _mm512_storeu_ps(a + 16 * v, _mm512_fmadd_ps(weight, row[v], _mm512_loadu_ps(a + 16 * v)));
+            _mm512_storeu_ps(sum + 16 * v, _mm512_fmadd_ps(weight, row[v], _mm512_loadu_ps(sum + 16 * v)));
         }
       }
       for (int64_t g = 0; g < group; ++g) {
-        scalar_t* dst = out_ptr + (seq * num_heads + kv_head * group + g) * kHeadDim;
+        scalar_t* dst = a.output(seq, kv_head * group + g);
         const float* src = acc.data() + g * kHeadDim;
         for (int64_t d = 0; d < kHeadDim; ++d) dst[d] = static_cast<scalar_t>(src[d] * inv_sum[g]);
       }
