@@ -89,6 +89,41 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         attention_bias=True,
         rms_norm_eps=1e-5,
     ),
+    # DeepSeek-V3's shape in miniature: MLA with q LoRA, yarn RoPE (factor 4, mscale_all_dim
+    # set, so the softmax scale changes) in the interleaved layout, a dense first layer, then
+    # grouped sigmoid routing with a shared expert. v_head_dim differs from qk_nope_head_dim
+    # and kv_lora_rank from both, so no two of them can be swapped silently.
+    "deepseek_v3": dict(
+        _COMMON,
+        num_hidden_layers=3,
+        num_key_value_heads=4,  # MLA has no GQA; transformers' default would be 128
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        first_k_dense_replace=1,
+        q_lora_rank=48,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=24,
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=10_000.0,
+            factor=4.0,
+            original_max_position_embeddings=128,  # x factor = max_position_embeddings
+            beta_fast=32.0,
+            beta_slow=1.0,
+            mscale=1.0,
+            mscale_all_dim=1.0,
+        ),
+        rms_norm_eps=1e-6,
+    ),
 }
 
 # name -> (family, config overrides, save_pretrained kwargs): the variants the tests cover.
@@ -110,6 +145,18 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "mixtral": ("mixtral", {}, {}),
     "llama": ("llama", {}, {}),
     "glm4_moe": ("glm4_moe", {}, {}),
+    "deepseek_v3": ("deepseek_v3", {}, {}),
+    # V2-Lite-style attention: one q_proj, no yarn, half-split RoPE, attention biases.
+    "deepseek_v3_plain": (
+        "deepseek_v3",
+        dict(
+            q_lora_rank=None,
+            rope_parameters=dict(rope_type="default", rope_theta=10_000.0),
+            rope_interleave=False,
+            attention_bias=True,
+        ),
+        {},
+    ),
     "llama3_rope": (
         "llama",
         dict(
@@ -137,6 +184,7 @@ def _classes(family: str) -> tuple[type, type]:
         "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
         "llama": ("LlamaConfig", "LlamaForCausalLM"),
         "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM"),
+        "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
     }
     if family not in names:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(names)}")

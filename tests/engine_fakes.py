@@ -52,4 +52,6 @@ def checksum_config(vocab_size: int = 64, max_len: int = 512) -> SimpleNamespace
         max_position_embeddings=max_len,
         eos_token_ids=[EOS],
         dtype=torch.float64,
+        kv_value_dim=None,
+        kv_shared=False,
     )

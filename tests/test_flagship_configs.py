@@ -78,6 +78,75 @@ GLM_4_5_AIR: dict[str, Any] = dict(
     use_qk_norm=False,
 )
 
+# DeepSeek-V3 / R1 / V3.1 share this config.json (V3.1 only adds chat-template modes).
+DEEPSEEK_V3_1: dict[str, Any] = dict(
+    architectures=["DeepseekV3ForCausalLM"],
+    model_type="deepseek_v3",
+    vocab_size=129280,
+    hidden_size=7168,
+    intermediate_size=18432,
+    moe_intermediate_size=2048,
+    num_hidden_layers=61,
+    num_attention_heads=128,
+    num_key_value_heads=128,
+    q_lora_rank=1536,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    n_routed_experts=256,
+    n_shared_experts=1,
+    num_experts_per_tok=8,
+    n_group=8,
+    topk_group=4,
+    routed_scaling_factor=2.5,
+    first_k_dense_replace=3,
+    norm_topk_prob=True,
+    max_position_embeddings=163840,
+    rope_theta=10000,
+    rope_scaling=dict(
+        type="yarn",
+        factor=40,
+        original_max_position_embeddings=4096,
+        beta_fast=32,
+        beta_slow=1,
+        mscale=1.0,
+        mscale_all_dim=1.0,
+    ),
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    num_nextn_predict_layers=1,
+    quantization_config=dict(
+        quant_method="fp8", fmt="e4m3", activation_scheme="dynamic", weight_block_size=[128, 128]
+    ),
+)
+
+# Kimi-K2-Instruct-0905: DeepSeek-V3's architecture under its own model_type.
+KIMI_K2: dict[str, Any] = dict(
+    DEEPSEEK_V3_1,
+    model_type="kimi_k2",
+    vocab_size=163840,
+    num_attention_heads=64,
+    num_key_value_heads=64,
+    n_routed_experts=384,
+    n_group=1,
+    topk_group=1,
+    first_k_dense_replace=1,
+    routed_scaling_factor=2.827,
+    rope_theta=50000.0,
+    rope_scaling=dict(
+        type="yarn",
+        factor=64.0,
+        original_max_position_embeddings=4096,
+        beta_fast=1.0,
+        beta_slow=1.0,
+        mscale=1.0,
+        mscale_all_dim=1.0,
+    ),
+    max_position_embeddings=262144,
+    num_nextn_predict_layers=0,
+)
+
 
 def counts(hf_config: dict[str, Any]) -> tuple[int, int, int, DecoderConfig]:
     """(total, active, embedding + head) parameters without the MTP layers, and the parsed
@@ -98,8 +167,14 @@ def transformers_count(hf_config: dict[str, Any]) -> int:
     parameters, loaded like any weight)."""
     import transformers
 
-    config_cls = {"qwen3_moe": "Qwen3MoeConfig", "glm4_moe": "Glm4MoeConfig"}
-    kwargs = {k: v for k, v in hf_config.items() if k not in ("architectures", "model_type")}
+    config_cls = {
+        "qwen3_moe": "Qwen3MoeConfig",
+        "glm4_moe": "Glm4MoeConfig",
+        "deepseek_v3": "DeepseekV3Config",
+        "kimi_k2": "DeepseekV3Config",  # transformers has no kimi_k2; K2 is this architecture
+    }
+    skipped = ("architectures", "model_type", "quantization_config")
+    kwargs = {k: v for k, v in hf_config.items() if k not in skipped}
     config = getattr(transformers, config_cls[hf_config["model_type"]])(**kwargs)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
@@ -109,15 +184,18 @@ def transformers_count(hf_config: dict[str, Any]) -> int:
 
 # Published sizes, in billions: total, and active per token. Qwen counts the embedding and the
 # head as active (3.3B of 30.5B); Zhipu does not (32B of 355B, 12B of 106B), so for GLM the
-# active figure is compared without them.
+# active figure is compared without them. DeepSeek's 37B and Moonshot's 32B active include
+# them; their totals exclude the MTP layer (671B; the hub's "685B" adds it).
 @pytest.mark.parametrize(
     ("config", "total", "active", "active_counts_embeddings"),
     [
         (QWEN3_30B_A3B, 30.5, 3.3, True),
         (GLM_4_5, 355, 32, False),
         (GLM_4_5_AIR, 106, 12, False),
+        (DEEPSEEK_V3_1, 671, 37, True),
+        (KIMI_K2, 1026, 32, True),
     ],
-    ids=["Qwen3-30B-A3B", "GLM-4.5", "GLM-4.5-Air"],
+    ids=["Qwen3-30B-A3B", "GLM-4.5", "GLM-4.5-Air", "DeepSeek-V3.1", "Kimi-K2"],
 )
 def test_flagship_parameter_counts(config, total, active, active_counts_embeddings):
     got_total, got_active, embeddings, _ = counts(config)
@@ -154,3 +232,18 @@ def test_expert_groups_must_divide_the_experts():
         ValueError, match=r"n_routed_experts \(160\) must be a multiple of n_group \(3\)"
     ):
         counts(dict(GLM_4_5, n_group=3, topk_group=1))
+
+
+def test_deepseek_config_parsing():
+    *_, cfg = counts(DEEPSEEK_V3_1)
+    assert cfg.attention == "mla" and cfg.q_lora_rank == 1536 and cfg.rope_interleave
+    assert cfg.head_dim == 192 and cfg.num_kv_heads == cfg.num_heads == 128
+    assert cfg.moe_layers == frozenset(range(3, 61))
+    assert (cfg.n_group, cfg.topk_group, cfg.top_k) == (8, 4, 8)
+    # yarn factor 40 with mscale_all_dim 1: softmax scale x (0.1 ln 40 + 1)^2.
+    assert cfg.attn_scale_factor == pytest.approx(1.8739, abs=1e-4)
+    assert cfg.rope["rope_type"] == "yarn" and cfg.rope["factor"] == 40
+    *_, kimi = counts(KIMI_K2)
+    assert kimi.moe_layers == frozenset(range(1, 61)) and kimi.n_group == 1
+    assert kimi.routed_scaling_factor == pytest.approx(2.827)
+    assert kimi.num_mtp_layers == 0

@@ -45,9 +45,10 @@ def with_extra_tensors(src: Path, dst: Path, extra: dict[str, torch.Tensor]) -> 
     return dst
 
 
-def test_mtp_layer_loads_when_present(checkpoint, hf_model, tmp_path):
-    src = checkpoint("glm4_moe")
-    extra = mtp_tensors(src, hf_model("glm4_moe"))
+@pytest.mark.parametrize("variant", ["glm4_moe", "deepseek_v3"])
+def test_mtp_layer_loads_when_present(variant, checkpoint, hf_model, tmp_path):
+    src = checkpoint(variant)
+    extra = mtp_tensors(src, hf_model(variant))
     path = with_extra_tensors(src, tmp_path / "with_mtp", extra)
     model = load_model(path, dtype="float32").model
     assert model.mtp is not None and len(model.mtp) == 1
@@ -58,10 +59,15 @@ def test_mtp_layer_loads_when_present(checkpoint, hf_model, tmp_path):
     assert torch.equal(layer.eh_proj.weight, extra[prefix + "eh_proj.weight"])
     # The block is a full MoE decoder layer, fused like the main ones.
     block = layer.block
-    q_rows = model.config.num_heads * model.config.head_dim
-    assert torch.equal(
-        block.self_attn.qkv_proj.weight[:q_rows], extra[prefix + "self_attn.q_proj.weight"]
-    )
+    if variant == "deepseek_v3":  # an MLA block, like the main layers
+        assert torch.equal(
+            block.self_attn.kv_b_proj.weight, extra[prefix + "self_attn.kv_b_proj.weight"]
+        )
+    else:
+        q_rows = model.config.num_heads * model.config.head_dim
+        assert torch.equal(
+            block.self_attn.qkv_proj.weight[:q_rows], extra[prefix + "self_attn.q_proj.weight"]
+        )
     assert torch.equal(
         block.mlp.gate.e_score_correction_bias, extra[prefix + "mlp.gate.e_score_correction_bias"]
     )

@@ -427,3 +427,43 @@ def test_stdlib_build(stdlib: corpus.Corpus) -> None:
         assert counts.get(kind, 0) > 0, kind
     final = [c.messages[-1] for c in _chats(stdlib)]
     assert any("reasoning_content" in m for m in final)
+
+
+def test_exercises_parse_vary_and_never_generate_the_model_card_prompts() -> None:
+    from recipe import exercises
+
+    docs = exercises.exercises(seed=0)
+    assert docs == exercises.exercises(seed=0)  # deterministic
+    assert docs != exercises.exercises(seed=1)
+    texts = [doc.text for doc in docs]
+    # Combinations differ; two that differ only in a docstring both drop can coincide.
+    assert len(set(texts)) >= 0.95 * len(texts)
+    keys = {doc.path.split(":")[1] for doc in docs}
+    assert keys == {t.key for t in exercises.TASKS} | {t.key for t in exercises.CLASS_TASKS}
+    headers = {ln for text in texts for ln in text.split("\n") if ln.startswith("def ")}
+    skipped = exercises.excluded_headers()
+    assert skipped == {"def is_palindrome(text):", "def list_python_files(directory):"}
+    assert not headers & skipped
+    # Their neighbours are there: the same tasks under other names and arguments.
+    assert {"def is_palindrome(word):", "def list_python_files(folder):"} <= headers
+    for text in texts:
+        tree = ast.parse(text)
+        # An import appears exactly when the body uses the module.
+        imported = {
+            a.name for node in tree.body if isinstance(node, ast.Import) for a in node.names
+        }
+        used = {
+            node.value.id
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+        }
+        assert imported <= used, text
+        assert {
+            "os",
+            "re",
+            "json",
+            "math",
+            "itertools",
+            "collections",
+            "pathlib",
+        } & used <= imported, text

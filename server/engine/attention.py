@@ -28,10 +28,12 @@ class AttentionBackend(ABC):
         layer_id: int,
         q: torch.Tensor,
         k: torch.Tensor,
-        v: torch.Tensor,
+        v: torch.Tensor | None,
         scale: float,
     ) -> torch.Tensor:
-        """q [T, H, D], k and v [T, KVH, D] for the step's new tokens -> output [T, H, D]."""
+        """q [T, H, D], k [T, KVH, D] and v [T, KVH, Dv] for the step's new tokens -> output
+        [T, H, Dv]. v is None when the pool's V buffers are views of its K buffers (MLA's
+        latent cache, see KVPool): storing K then stores V too."""
 
 
 @dataclass
@@ -94,24 +96,25 @@ class TorchAttentionBackend(AttentionBackend):
         layer_id: int,
         q: torch.Tensor,
         k: torch.Tensor,
-        v: torch.Tensor,
+        v: torch.Tensor | None,
         scale: float,
     ) -> torch.Tensor:
         m = self.meta
         assert m is not None, "begin(batch) must run before forward"
         k_buf, v_buf = self.k_buffers[layer_id], self.v_buffers[layer_id]
         k_buf.index_copy_(0, m.out_slots, k.to(k_buf.dtype))
-        v_buf.index_copy_(0, m.out_slots, v.to(v_buf.dtype))
+        if v is not None:
+            v_buf.index_copy_(0, m.out_slots, v.to(v_buf.dtype))
         num_tokens, num_heads, head_dim = q.shape
-        num_kv_heads = k_buf.shape[1]
+        num_kv_heads, v_dim = k_buf.shape[1], v_buf.shape[2]
         # The CPU kernel runs single-query half-precision attention ~2x slower than fp32,
         # upcasts included; the gathered K/V are upcast while still contiguous (cheap).
         upcast = m.max_q == 1 and q.device.type == "cpu" and q.dtype != torch.float32
         compute_dtype = torch.float32 if upcast else q.dtype
-        gathered = (m.num_seqs, m.max_kv, num_kv_heads, head_dim)
         keys = k_buf.index_select(0, m.flat_kv_slots).to(compute_dtype)
         values = v_buf.index_select(0, m.flat_kv_slots).to(compute_dtype)
-        keys, values = keys.view(gathered).transpose(1, 2), values.view(gathered).transpose(1, 2)
+        keys = keys.view(m.num_seqs, m.max_kv, num_kv_heads, head_dim).transpose(1, 2)
+        values = values.view(m.num_seqs, m.max_kv, num_kv_heads, v_dim).transpose(1, 2)
 
         if m.max_q == 1:
             # Decode: fold each KV head's query-head group into the query-row axis. The mask
@@ -122,7 +125,7 @@ class TorchAttentionBackend(AttentionBackend):
                 queries = queries.float()
                 mask = None if mask is None else mask.float()
             out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
-            return out.to(q.dtype).view(num_tokens, num_heads, head_dim)
+            return out.to(q.dtype).view(num_tokens, num_heads, v_dim)
 
         if m.pad_index is None:
             queries = q.reshape(m.num_seqs, m.max_q, num_heads, head_dim)
@@ -140,5 +143,5 @@ class TorchAttentionBackend(AttentionBackend):
         )
         out = out.transpose(1, 2)  # [B, Q, H, D]
         if m.pad_index is None:
-            return out.reshape(num_tokens, num_heads, head_dim)
-        return out.reshape(m.num_seqs * m.max_q, num_heads, head_dim)[m.pad_index]
+            return out.reshape(num_tokens, num_heads, v_dim)
+        return out.reshape(m.num_seqs * m.max_q, num_heads, v_dim)[m.pad_index]

@@ -91,6 +91,8 @@ class LLMEngine:
             model_config.head_dim,
             config.page_size,
             model_config.dtype,
+            v_head_dim=model_config.kv_value_dim,
+            shared_kv=model_config.kv_shared,
         )
         self.kv_pool = KVPool(
             model_config.num_layers,
@@ -100,6 +102,8 @@ class LLMEngine:
             config.page_size,
             model_config.dtype,
             self.device,
+            v_head_dim=model_config.kv_value_dim,
+            shared_kv=model_config.kv_shared,
         )
         self.allocator = PageAllocator(num_pages)
         self.kv_events = KVEventPublisher()

@@ -64,12 +64,26 @@ class PageAllocator:
         self._free.extend(pages)
 
 
+def _token_width(head_dim: int, v_head_dim: int | None, shared_kv: bool) -> int:
+    """Values stored per token, layer and KV head: K and V, or K alone when V is read from K's
+    first `v_head_dim` values (MLA's latent cache)."""
+    return head_dim if shared_kv else head_dim + (v_head_dim or head_dim)
+
+
 def bytes_per_page(
-    num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    dtype: torch.dtype,
+    *,
+    v_head_dim: int | None = None,
+    shared_kv: bool = False,
 ) -> int:
     """K and V for every layer of one page."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return 2 * num_layers * page_size * num_kv_heads * head_dim * itemsize
+    width = _token_width(head_dim, v_head_dim, shared_kv)
+    return num_layers * page_size * num_kv_heads * width * itemsize
 
 
 def pages_for_budget(
@@ -79,15 +93,27 @@ def pages_for_budget(
     head_dim: int,
     page_size: int,
     dtype: torch.dtype,
+    *,
+    v_head_dim: int | None = None,
+    shared_kv: bool = False,
 ) -> int:
     """How many whole pages fit in `budget_bytes`; ValueError if not even one."""
-    per_page = bytes_per_page(num_layers, num_kv_heads, head_dim, page_size, dtype)
+    per_page = bytes_per_page(
+        num_layers,
+        num_kv_heads,
+        head_dim,
+        page_size,
+        dtype,
+        v_head_dim=v_head_dim,
+        shared_kv=shared_kv,
+    )
     num_pages = budget_bytes // per_page
     if num_pages < 1:
+        width = _token_width(head_dim, v_head_dim, shared_kv)
         raise ValueError(
             f"KV budget of {budget_bytes} bytes is too small: one page needs {per_page} bytes "
-            f"({num_layers} layers x 2 x {page_size} tokens x {num_kv_heads} kv heads x "
-            f"{head_dim} dims x {dtype})"
+            f"({num_layers} layers x {page_size} tokens x {num_kv_heads} kv heads x "
+            f"{width} K+V values x {dtype})"
         )
     return num_pages
 
@@ -121,7 +147,12 @@ def kv_budget_bytes(
 
 
 class KVPool:
-    """Per-layer K and V buffers of shape [num_pages * page_size, num_kv_heads, head_dim]."""
+    """Per-layer K buffers of shape [num_pages * page_size, num_kv_heads, head_dim] and V
+    buffers of [..., v_head_dim] (head_dim unless given).
+
+    With `shared_kv` (MLA) only K is stored: a token's single "head" is its compressed latent
+    followed by its rotary key, and V is a view of each K buffer's first `v_head_dim` values,
+    so the latent is held once and nothing is ever expanded per head in the cache."""
 
     def __init__(
         self,
@@ -132,24 +163,52 @@ class KVPool:
         page_size: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        *,
+        v_head_dim: int | None = None,
+        shared_kv: bool = False,
     ) -> None:
         self.num_layers = num_layers
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
+        self.v_head_dim = v_head_dim or head_dim
+        if shared_kv and self.v_head_dim > head_dim:
+            raise ValueError(f"shared K/V needs v_head_dim <= head_dim, got {v_head_dim}")
+        self.shared_kv = shared_kv
         self.num_pages = num_pages
         self.page_size = page_size
         self.dtype = dtype
         self.device = torch.device(device)
-        shape = (num_pages * page_size, num_kv_heads, head_dim)
+        num_slots = num_pages * page_size
         # Zeros, not empty: padded reads of a stale slot must not inject NaN/Inf into
         # attention (0 probability x NaN value is still NaN).
         self.k_buffers = [
-            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)
+            torch.zeros(num_slots, num_kv_heads, head_dim, dtype=dtype, device=self.device)
+            for _ in range(num_layers)
         ]
-        self.v_buffers = [
-            torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)
-        ]
-        self.bytes_per_page = bytes_per_page(num_layers, num_kv_heads, head_dim, page_size, dtype)
+        self.v_buffers = (
+            [k[..., : self.v_head_dim] for k in self.k_buffers]
+            if shared_kv
+            else [
+                torch.zeros(
+                    num_slots, num_kv_heads, self.v_head_dim, dtype=dtype, device=self.device
+                )
+                for _ in range(num_layers)
+            ]
+        )
+        self.bytes_per_page = bytes_per_page(
+            num_layers,
+            num_kv_heads,
+            head_dim,
+            page_size,
+            dtype,
+            v_head_dim=self.v_head_dim,
+            shared_kv=shared_kv,
+        )
+
+    def buffer_bytes(self) -> int:
+        """Bytes actually allocated for the cache (each storage counted once)."""
+        buffers = self.k_buffers if self.shared_kv else self.k_buffers + self.v_buffers
+        return sum(b.numel() * b.element_size() for b in buffers)
 
     @property
     def num_slots(self) -> int:
@@ -162,22 +221,28 @@ class KVPool:
         return (page_ids[:, None] * self.page_size + offsets).reshape(-1)
 
     def _paged(self, buf: torch.Tensor) -> torch.Tensor:
-        return buf.view(self.num_pages, self.page_size, self.num_kv_heads, self.head_dim)
+        return buf.view(self.num_pages, self.page_size, self.num_kv_heads, buf.shape[-1])
+
+    def _stored(self) -> list[list[torch.Tensor]]:
+        """Per layer, the buffers that hold data of their own: [k, v], or [k] when shared."""
+        if self.shared_kv:
+            return [[k] for k in self.k_buffers]
+        return [[k, v] for k, v in zip(self.k_buffers, self.v_buffers, strict=True)]
 
     def export_pages(self, pages: Sequence[int]) -> torch.Tensor:
-        """A copy of the pages' KV: [num_layers, 2 (k, v), len(pages), page_size, kvh, hd]."""
+        """A copy of the pages' KV: [num_layers, parts, len(pages), page_size, kvh, width]:
+        parts 2 (k, v; V as wide as K), or 1 (k alone, with `shared_kv`)."""
+        if not self.shared_kv and self.v_head_dim != self.head_dim:
+            raise NotImplementedError("export_pages needs V as wide as K, or shared K/V")
         idx = torch.as_tensor(pages, dtype=torch.int64, device=self.device)
-        per_layer = [
-            torch.stack((self._paged(k)[idx], self._paged(v)[idx]))
-            for k, v in zip(self.k_buffers, self.v_buffers, strict=True)
-        ]
+        per_layer = [torch.stack([self._paged(b)[idx] for b in bufs]) for bufs in self._stored()]
         return torch.stack(per_layer)
 
     def import_pages(self, pages: Sequence[int], data: torch.Tensor) -> None:
         """Write `data` (as produced by `export_pages`, any device) into `pages`."""
         expected = (
             self.num_layers,
-            2,
+            1 if self.shared_kv else 2,
             len(pages),
             self.page_size,
             self.num_kv_heads,
@@ -187,6 +252,6 @@ class KVPool:
             raise ValueError(f"import_pages: data shape {tuple(data.shape)} != {expected}")
         idx = torch.as_tensor(pages, dtype=torch.int64, device=self.device)
         data = data.to(device=self.device, dtype=self.dtype)
-        for layer, (k, v) in enumerate(zip(self.k_buffers, self.v_buffers, strict=True)):
-            self._paged(k).index_copy_(0, idx, data[layer, 0])
-            self._paged(v).index_copy_(0, idx, data[layer, 1])
+        for layer, bufs in enumerate(self._stored()):
+            for part, buf in enumerate(bufs):
+                self._paged(buf).index_copy_(0, idx, data[layer, part])

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from bisllm_server.engine.fp8 import dequantize_fp8_blocks, fp8_block_size
 from bisllm_server.engine.models import (
     DecoderForCausalLM,
     UnsupportedModelError,
@@ -40,6 +41,8 @@ class ModelConfig:
     model_type: str
     num_layers: int
     num_attention_heads: int
+    # The KV cache's layout per token and layer (see DecoderConfig.kv_cache_layout): for MLA
+    # one head of kv_lora_rank + qk_rope_head_dim, whose first kv_value_dim values are V.
     num_kv_heads: int
     head_dim: int
     hidden_size: int
@@ -48,6 +51,8 @@ class ModelConfig:
     eos_token_ids: list[int]
     bos_token_id: int | None
     dtype: torch.dtype
+    kv_value_dim: int | None = None  # None: head_dim
+    kv_shared: bool = False
 
 
 @dataclass
@@ -119,8 +124,15 @@ def load_model(
 
     with torch.device("meta"):
         model = model_cls(hf)
-    model = model.to(dtype=torch_dtype).to_empty(device=device)
-    model.load_weights(_stream_tensors(files))
+    model = model.to(dtype=torch_dtype)
+    for module in model.modules():  # e.g. routers that transformers also keeps in fp32
+        for name in getattr(module, "fp32_parameters", ()):
+            getattr(module, name).data = getattr(module, name).data.float()
+    model = model.to_empty(device=device)
+    tensors = _stream_tensors(files)
+    if (block := fp8_block_size(hf)) is not None:
+        tensors = dequantize_fp8_blocks(tensors, block, torch_dtype)
+    model.load_weights(tensors)
     for module in model.modules():  # non-persistent buffers (rotary inv_freq) are not in files
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
@@ -134,19 +146,22 @@ def load_model(
             eos.append(token)
     bos = hf.get("bos_token_id")
     cfg = model.config
+    kv_heads, kv_dim, kv_value_dim, kv_shared = cfg.kv_cache_layout
     config = ModelConfig(
         architecture=architecture,
         model_type=hf.get("model_type", ""),
         num_layers=cfg.num_layers,
         num_attention_heads=cfg.num_heads,
-        num_kv_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
+        num_kv_heads=kv_heads,
+        head_dim=kv_dim,
         hidden_size=cfg.hidden_size,
         vocab_size=cfg.vocab_size,
         max_position_embeddings=cfg.max_position_embeddings,
         eos_token_ids=eos,
         bos_token_id=bos if bos is not None else generation.get("bos_token_id"),
         dtype=torch_dtype,
+        kv_value_dim=kv_value_dim,
+        kv_shared=kv_shared,
     )
     return LoadedModel(model=model, config=config)
 

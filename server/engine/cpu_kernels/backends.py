@@ -15,14 +15,20 @@ from bisllm_server.engine.layers.moe import TorchExpertsBackend
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
-    """Decode steps (one query per sequence) attend straight over the paged pool."""
+    """Decode steps (one query per sequence) attend straight over the paged pool. The kernel
+    needs separate, equally wide K and V buffers; other pools (MLA's shared latent) keep the
+    PyTorch path."""
 
     def __init__(self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> None:
         super().__init__(k_buffers, v_buffers)
         self._decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._kernel_fits = all(
+            k.shape == v.shape and v.is_contiguous()
+            for k, v in zip(k_buffers, v_buffers, strict=True)
+        )
 
     def begin(self, batch: ForwardBatch) -> None:
-        if all(n == 1 for n in batch.query_lens):
+        if self._kernel_fits and all(n == 1 for n in batch.query_lens):
             kv_lens = torch.tensor(batch.kv_lens, dtype=torch.int64)
             self._decode = (batch.out_slots, batch.kv_slots.contiguous(), kv_lens)
             self.meta = None
@@ -35,11 +41,12 @@ class CpuAttentionBackend(TorchAttentionBackend):
         layer_id: int,
         q: torch.Tensor,
         k: torch.Tensor,
-        v: torch.Tensor,
+        v: torch.Tensor | None,
         scale: float,
     ) -> torch.Tensor:
         if self._decode is None:
             return super().forward(layer_id, q, k, v, scale)
+        assert v is not None, "the kernel path only serves pools with V buffers of their own"
         out_slots, kv_slots, kv_lens = self._decode
         k_buf, v_buf = self.k_buffers[layer_id], self.v_buffers[layer_id]
         k_buf.index_copy_(0, out_slots, k.to(k_buf.dtype))

@@ -17,9 +17,10 @@ from bisllm_server.engine.layers.mlp import SwiGLUMLP, silu_and_mul
 
 
 def softmax_topk(
-    router_logits: torch.Tensor, top_k: int, renormalize: bool
+    router_logits: torch.Tensor, top_k: int, renormalize: bool, fp32_weights: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(topk_weights [T, k] in the logits' dtype, topk_ids [T, k] int64).
+    """(topk_weights [T, k] in the logits' dtype, or fp32 with `fp32_weights`; topk_ids [T, k]
+    int64).
 
     Softmax over all experts in fp32, then top-k, renormalised to sum to one when the family
     says so (Qwen3-MoE: `norm_topk_prob`; Mixtral: always)."""
@@ -27,7 +28,7 @@ def softmax_topk(
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights.to(router_logits.dtype), ids
+    return (weights if fp32_weights else weights.to(router_logits.dtype)), ids
 
 
 class ExpertsBackend(ABC):
@@ -105,7 +106,7 @@ class TorchExpertsBackend(ExpertsBackend):
         padded = x.new_zeros(num_experts * width, x.shape[1]).index_copy_(0, rows, pairs_x)
         h = silu_and_mul(torch.bmm(padded.view(num_experts, width, -1), w13.transpose(1, 2)))
         y = torch.bmm(h, w2.transpose(1, 2)).view(num_experts * width, -1).index_select(0, rows)
-        return (y.view(*topk_ids.shape, -1) * topk_weights[:, :, None]).sum(1)
+        return _weighted_sum(y.view(*topk_ids.shape, -1), topk_weights)
 
     def _ranks(self, flat_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(rank of each pair among its expert's pairs, in pair order; pairs per expert)."""
@@ -142,7 +143,8 @@ class TorchExpertsBackend(ExpertsBackend):
                 outs.append(F.linear(silu_and_mul(F.linear(xs, w13[expert])), w2[expert]))
                 start += count
         y = torch.cat(outs) * topk_weights.flatten()[order, None]
-        return torch.zeros_like(x).index_add_(0, token_ids, y)
+        # Summed in the product's dtype (fp32 with fp32 weights), rounded once, as _weighted_sum.
+        return y.new_zeros(x.shape).index_add_(0, token_ids, y).to(x.dtype)
 
     @staticmethod
     def _gathered(
@@ -158,7 +160,7 @@ class TorchExpertsBackend(ExpertsBackend):
         xs = x.repeat_interleave(top_k, dim=0)[:, None, :]  # [P, 1, H]
         h = silu_and_mul(torch.bmm(xs, w13.index_select(0, pairs).transpose(1, 2)))
         y = torch.bmm(h, w2.index_select(0, pairs).transpose(1, 2)).view(num_tokens, top_k, -1)
-        return (y * topk_weights[:, :, None]).sum(1)
+        return _weighted_sum(y, topk_weights)
 
     @staticmethod
     def _dense(
@@ -170,10 +172,18 @@ class TorchExpertsBackend(ExpertsBackend):
     ) -> torch.Tensor:
         num_experts = w13.shape[0]
         # [T, E] routing weights, zero for the experts a token did not pick.
-        routing = x.new_zeros(x.shape[0], num_experts).scatter_(1, topk_ids, topk_weights)
+        routing = topk_weights.new_zeros(x.shape[0], num_experts)
+        routing.scatter_(1, topk_ids, topk_weights)
         h = silu_and_mul(torch.bmm(x.expand(num_experts, -1, -1), w13.transpose(1, 2)))
         y = torch.bmm(h, w2.transpose(1, 2)) * routing.t()[:, :, None]  # [E, T, H]
-        return y.sum(0)
+        return y.sum(0).to(x.dtype)
+
+
+def _weighted_sum(y: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """sum_k y[:, k] * w[:, k] for y [T, k, H], in y's dtype. With fp32 weights the products
+    and their sum stay fp32 and are rounded once, as transformers' default (grouped_mm)
+    experts do; its eager loop, used on the CPU, rounds each product instead."""
+    return (y * topk_weights[:, :, None]).sum(1).to(y.dtype)
 
 
 DEFAULT_EXPERTS_BACKEND: ExpertsBackend = TorchExpertsBackend()
@@ -200,6 +210,10 @@ class GroupedTopkRouter(nn.Module):
     scores sum highest, and takes the top-k experts inside them. The weights are the plain
     scores of those experts, renormalised when `renormalize`, times `scaling`."""
 
+    # Kept in fp32 whatever the model dtype (the loader sees to it), as transformers keeps
+    # them: in bf16 the rounded bias and weights pick different experts at near-ties.
+    fp32_parameters = ("weight", "e_score_correction_bias")
+
     def __init__(
         self,
         hidden_size: int,
@@ -209,6 +223,7 @@ class GroupedTopkRouter(nn.Module):
         n_group: int,
         topk_group: int,
         scaling: float,
+        fp32_weights: bool = False,
     ) -> None:
         super().__init__()
         if num_experts % n_group:
@@ -219,9 +234,10 @@ class GroupedTopkRouter(nn.Module):
         self.e_score_correction_bias = nn.Parameter(torch.zeros(num_experts))
         self.top_k, self.renormalize = top_k, renormalize
         self.n_group, self.topk_group, self.scaling = n_group, topk_group, scaling
+        self.fp32_weights = fp32_weights
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(topk_weights [T, k] in x's dtype, topk_ids [T, k] int64)."""
+        """(topk_weights [T, k], fp32 or in x's dtype; topk_ids [T, k] int64)."""
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
         choice = scores + self.e_score_correction_bias.float()
         if self.topk_group < self.n_group:
@@ -234,14 +250,16 @@ class GroupedTopkRouter(nn.Module):
         weights = scores.gather(1, ids)
         if self.renormalize:
             weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-        return (weights * self.scaling).to(x.dtype), ids
+        weights = weights * self.scaling
+        return (weights if self.fp32_weights else weights.to(x.dtype)), ids
 
 
 class SparseMoE(nn.Module):
     """Router (`gate`) + routed experts (+ optional shared expert).
 
     The router is a bias-free linear [E, H] followed by softmax top-k, or, with
-    `router="sigmoid_grouped"`, a GroupedTopkRouter."""
+    `router="sigmoid_grouped"`, a GroupedTopkRouter. `fp32_weights` keeps the routing weights
+    in fp32 up to their product with each expert's output (see DecoderConfig)."""
 
     def __init__(
         self,
@@ -255,10 +273,12 @@ class SparseMoE(nn.Module):
         topk_group: int = 1,
         routed_scaling_factor: float = 1.0,
         shared_intermediate_size: int = 0,
+        fp32_weights: bool = False,
     ) -> None:
         super().__init__()
         self.top_k = top_k
         self.renormalize = renormalize
+        self.fp32_weights = fp32_weights
         self.gate: nn.Module
         if router == "softmax":
             self.gate = nn.Linear(hidden_size, num_experts, bias=False)
@@ -271,6 +291,7 @@ class SparseMoE(nn.Module):
                 n_group,
                 topk_group,
                 routed_scaling_factor,
+                fp32_weights,
             )
         else:
             raise ValueError(f"router must be 'softmax' or 'sigmoid_grouped', got {router!r}")
@@ -284,7 +305,9 @@ class SparseMoE(nn.Module):
         if isinstance(self.gate, GroupedTopkRouter):
             weights, ids = self.gate(x)
         else:
-            weights, ids = softmax_topk(self.gate(x), self.top_k, self.renormalize)
+            weights, ids = softmax_topk(
+                self.gate(x), self.top_k, self.renormalize, self.fp32_weights
+            )
         out = self.experts(x, ids, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

@@ -6,6 +6,7 @@ from typing import Any
 
 from bisllm_server.engine.models.config import DecoderConfig, UnsupportedModelError
 from bisllm_server.engine.models.decoder import DecoderForCausalLM
+from bisllm_server.engine.models.deepseek_v3 import DeepseekV3ForCausalLM
 from bisllm_server.engine.models.glm4_moe import Glm4MoeForCausalLM
 from bisllm_server.engine.models.llama import LlamaForCausalLM
 from bisllm_server.engine.models.mixtral import MixtralForCausalLM
@@ -17,12 +18,15 @@ ARCHITECTURES: dict[str, type[DecoderForCausalLM]] = {
     "MixtralForCausalLM": MixtralForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "Glm4MoeForCausalLM": Glm4MoeForCausalLM,
+    "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
 }
 MODEL_TYPES: dict[str, type[DecoderForCausalLM]] = {
     "qwen3_moe": Qwen3MoeForCausalLM,
     "mixtral": MixtralForCausalLM,
     "llama": LlamaForCausalLM,
     "glm4_moe": Glm4MoeForCausalLM,
+    "deepseek_v3": DeepseekV3ForCausalLM,
+    "kimi_k2": DeepseekV3ForCausalLM,  # Kimi-K2's hub config: DeepSeek-V3's architecture
 }
 
 
@@ -49,6 +53,7 @@ __all__ = [
     "CheckpointMismatchError",
     "DecoderConfig",
     "DecoderForCausalLM",
+    "DeepseekV3ForCausalLM",
     "LlamaForCausalLM",
     "MixtralForCausalLM",
     "Qwen3MoeForCausalLM",

@@ -45,6 +45,11 @@ class DecoderConfig:
     # choice only, top-k within the `topk_group` best of `n_group` expert groups, weights
     # scaled by `routed_scaling_factor`.
     router: str = "softmax"
+    # Whether the top-k routing weights stay fp32 when they scale the experts' outputs, as in
+    # transformers' Mixtral, GLM-4.5 and DeepSeek-V3 (each product is rounded to the model
+    # dtype once); Qwen3-MoE rounds the weights to the model dtype first. In bf16 the two
+    # differ by a rounding per layer, which is visible in the logprobs.
+    fp32_routing_weights: bool = False
     n_group: int = 1
     topk_group: int = 1
     routed_scaling_factor: float = 1.0
@@ -53,6 +58,30 @@ class DecoderConfig:
     # Multi-token-prediction (NextN) layers stored after the decoder layers (DeepSeek-V3, GLM):
     # loaded when the checkpoint has them and kept for speculative decoding.
     num_mtp_layers: int = 0
+    # Attention: "mha" (multi-/grouped-query attention over per-head K and V) or "mla"
+    # (DeepSeek's multi-head latent attention, below; `head_dim` is then the query/key head
+    # dim, qk_nope_head_dim + qk_rope_head_dim, and `num_kv_heads` equals `num_heads`).
+    attention: str = "mha"
+    q_lora_rank: int | None = None  # None: one q_proj instead of q_a_proj / q_b_proj
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False  # rotary pairs are adjacent elements (DeepSeek's layout)
+    attn_scale_factor: float = 1.0  # times head_dim ** -0.5 (yarn's mscale² for DeepSeek)
+
+    @property
+    def rope_head_dim(self) -> int:
+        """The width the rotary table covers before `partial_rotary_factor`."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.head_dim
+
+    @property
+    def kv_cache_layout(self) -> tuple[int, int, int, bool]:
+        """(KV heads, K width, V width, V shares K's storage) per token and layer in the
+        cache. MLA caches one shared "head": the latent then the rotary key; V is the latent."""
+        if self.attention == "mla":
+            return 1, self.kv_lora_rank + self.qk_rope_head_dim, self.kv_lora_rank, True
+        return self.num_kv_heads, self.head_dim, self.head_dim, False
 
 
 def require(hf: dict[str, Any], key: str) -> Any:

@@ -22,6 +22,7 @@ from bisllm_server.engine.layers.moe import SparseMoE
 from bisllm_server.engine.layers.norm import RMSNorm, rms_norm
 from bisllm_server.engine.layers.rotary import RotaryEmbedding, apply_rotary
 from bisllm_server.engine.models.config import DecoderConfig
+from bisllm_server.engine.models.mla import MlaAttention
 from bisllm_server.engine.models.weights import WeightMapper, load_checkpoint_weights
 
 
@@ -72,7 +73,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: DecoderConfig, layer_id: int, moe: bool | None = None) -> None:
         """`moe` overrides the config's choice of MoE vs dense for this layer."""
         super().__init__()
-        self.self_attn = Attention(cfg, layer_id)
+        self.self_attn: nn.Module = (
+            MlaAttention(cfg, layer_id) if cfg.attention == "mla" else Attention(cfg, layer_id)
+        )
         self.mlp: nn.Module
         if layer_id in cfg.moe_layers if moe is None else moe:
             self.mlp = SparseMoE(
@@ -86,6 +89,7 @@ class DecoderLayer(nn.Module):
                 topk_group=cfg.topk_group,
                 routed_scaling_factor=cfg.routed_scaling_factor,
                 shared_intermediate_size=cfg.shared_expert_intermediate_size,
+                fp32_weights=cfg.fp32_routing_weights,
             )
         else:
             self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
@@ -123,7 +127,7 @@ class DecoderModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(cfg.head_dim, cfg.rope, cfg.max_position_embeddings)
+        self.rotary_emb = RotaryEmbedding(cfg.rope_head_dim, cfg.rope, cfg.max_position_embeddings)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend

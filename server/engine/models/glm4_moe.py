@@ -42,6 +42,7 @@ class Glm4MoeForCausalLM(DecoderForCausalLM):
             moe_intermediate_size=moe_intermediate,
             renormalize=bool(hf.get("norm_topk_prob", True)),
             router="sigmoid_grouped",
+            fp32_routing_weights=True,
             n_group=hf.get("n_group") or 1,
             topk_group=hf.get("topk_group") or 1,
             routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),

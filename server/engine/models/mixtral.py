@@ -38,4 +38,5 @@ class MixtralForCausalLM(DecoderForCausalLM):
             # Mixtral's experts are `intermediate_size` wide; it has no dense layers.
             moe_intermediate_size=hf_config.get("intermediate_size") or 14336,
             renormalize=True,
+            fp32_routing_weights=True,
         )
