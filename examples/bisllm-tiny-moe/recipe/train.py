@@ -28,6 +28,7 @@ from transformers import GenerationConfig, Qwen3MoeForCausalLM
 from recipe.chat_template import END_OF_TEXT, IM_END, SPECIAL_TOKENS
 from recipe.corpus import Corpus, build_corpus
 from recipe.data import encode_all, pack
+from recipe.exercises import exercises
 from recipe.model import Shape, make_config
 from recipe.tokenizer import save_tokenizer, train_tokenizer
 
@@ -105,7 +106,12 @@ def train(args: argparse.Namespace) -> list[dict]:
     tokenizer = train_tokenizer(tokenizer_texts(corpus), shape.vocab_size)
     assert len(tokenizer) == shape.vocab_size, (len(tokenizer), shape.vocab_size)
     print("encoding")
-    code = [*corpus.train_code, *corpus.train_functions * args.function_repeats]
+    drills = exercises(args.seed)
+    code = [
+        *corpus.train_code,
+        *corpus.train_functions * args.function_repeats,
+        *drills * args.exercise_repeats,
+    ]
     examples = encode_all(tokenizer, code, corpus.train_chat, args.seed, args.chat_repeats)
     rows, masks = pack(examples, seq_len)
     print(f"{rows.shape[0]} rows of {seq_len} tokens; {steps} steps of {batch_size} rows")
@@ -157,11 +163,11 @@ def train(args: argparse.Namespace) -> list[dict]:
                 with open(args.loss_log, "a") as f:
                     f.write(json.dumps(entry) + "\n")
     if args.out:
-        save(model, tokenizer, args.out, corpus, args, steps)
+        save(model, tokenizer, args.out, corpus, args, steps, len(drills))
     return log
 
 
-def save(model, tokenizer, out: Path, corpus: Corpus, args, steps: int) -> None:
+def save(model, tokenizer, out: Path, corpus: Corpus, args, steps: int, n_exercises: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.eval().to(torch.bfloat16).save_pretrained(out)
     save_tokenizer(tokenizer, out)
@@ -181,6 +187,7 @@ def save(model, tokenizer, out: Path, corpus: Corpus, args, steps: int) -> None:
         "train_code_files": len(corpus.train_code),
         "heldout_code_files": len(corpus.heldout_code),
         "train_function_docs": len(corpus.train_functions),
+        "exercise_docs": n_exercises,
         "train_conversations": len(corpus.train_chat),
         "heldout_conversations": len(corpus.heldout_chat),
         "shape": asdict(PRESETS[args.preset]["shape"]),
@@ -202,6 +209,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=int,
         default=2,
         help="copies of each short function document, besides its whole file",
+    )
+    parser.add_argument(
+        "--exercise-repeats",
+        type=int,
+        default=4,
+        help="copies of each generated exercise function (recipe.exercises)",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--log-every", type=int, default=10)
