@@ -113,3 +113,35 @@ def common_fields(
         rope=rope_parameters({**hf, "max_position_embeddings": max_positions}, default_theta),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
+
+
+def grouped_moe_fields(
+    hf: dict[str, Any],
+    num_layers: int,
+    *,
+    default_experts: int,
+    default_first_dense: int,
+    default_moe_intermediate: int,
+    default_scaling: float,
+) -> dict[str, Any]:
+    """The DecoderConfig fields of DeepSeek-V3-style MoE (DeepSeek, Kimi-K2, GLM-4.5): sigmoid
+    scores with a correction bias, group-limited top-k, scaled fp32 weights, a shared expert,
+    `first_k_dense_replace` dense layers first, and MTP layers. The defaults are the family's
+    transformers class defaults, for keys a config.json omits."""
+    num_experts = hf.get("n_routed_experts") or hf.get("num_local_experts") or default_experts
+    first_dense = hf.get("first_k_dense_replace", default_first_dense)
+    moe_intermediate = hf.get("moe_intermediate_size") or default_moe_intermediate
+    return dict(
+        moe_layers=frozenset(range(first_dense, num_layers)),
+        num_experts=num_experts,
+        top_k=hf.get("num_experts_per_tok") or 8,
+        moe_intermediate_size=moe_intermediate,
+        renormalize=bool(hf.get("norm_topk_prob", True)),
+        router="sigmoid_grouped",
+        fp32_routing_weights=True,
+        n_group=hf.get("n_group") or 1,
+        topk_group=hf.get("topk_group") or 1,
+        routed_scaling_factor=float(hf.get("routed_scaling_factor", default_scaling)),
+        shared_expert_intermediate_size=moe_intermediate * hf.get("n_shared_experts", 1),
+        num_mtp_layers=hf.get("num_nextn_predict_layers") or hf.get("num_mtp_layers") or 0,
+    )

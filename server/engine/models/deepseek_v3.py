@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from bisllm_server.engine.models.config import DecoderConfig, common_fields
+from bisllm_server.engine.models.config import DecoderConfig, common_fields, grouped_moe_fields
 from bisllm_server.engine.models.decoder import DecoderForCausalLM
 
 
@@ -45,24 +45,17 @@ class DeepseekV3ForCausalLM(DecoderForCausalLM):
         heads = fields["num_heads"]
         # MLA has no grouped K/V heads: every query head reads the one shared latent.
         fields.update(num_kv_heads=heads, head_dim=nope + rope_dim)
-        num_experts = hf.get("n_routed_experts") or hf.get("num_local_experts") or 256
-        first_dense = hf.get("first_k_dense_replace", 3)
-        moe_intermediate = hf.get("moe_intermediate_size") or 2048
         return DecoderConfig(
             **fields,
+            **grouped_moe_fields(
+                hf,
+                fields["num_layers"],
+                default_experts=256,
+                default_first_dense=3,
+                default_moe_intermediate=2048,
+                default_scaling=2.5,
+            ),
             qkv_bias=bool(hf.get("attention_bias", False)),
-            moe_layers=frozenset(range(first_dense, fields["num_layers"])),
-            num_experts=num_experts,
-            top_k=hf.get("num_experts_per_tok") or 8,
-            moe_intermediate_size=moe_intermediate,
-            renormalize=bool(hf.get("norm_topk_prob", True)),
-            router="sigmoid_grouped",
-            fp32_routing_weights=True,
-            n_group=hf.get("n_group") or 1,
-            topk_group=hf.get("topk_group") or 1,
-            routed_scaling_factor=float(hf.get("routed_scaling_factor", 2.5)),
-            shared_expert_intermediate_size=moe_intermediate * hf.get("n_shared_experts", 1),
-            num_mtp_layers=hf.get("num_nextn_predict_layers") or 0,
             attention="mla",
             # A key present as null means "no q LoRA"; an absent one takes the class default.
             q_lora_rank=hf.get("q_lora_rank", 1536),

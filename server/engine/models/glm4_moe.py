@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bisllm_server.engine.models.config import DecoderConfig, common_fields
+from bisllm_server.engine.models.config import DecoderConfig, common_fields, grouped_moe_fields
 from bisllm_server.engine.models.decoder import DecoderForCausalLM
 
 
@@ -28,24 +28,17 @@ class Glm4MoeForCausalLM(DecoderForCausalLM):
         fields = common_fields(
             hf, default_theta=10_000.0, default_eps=1e-5, default_max_positions=131072
         )
-        num_experts = hf.get("n_routed_experts") or hf.get("num_local_experts") or 128
-        first_dense = hf.get("first_k_dense_replace", 1)
-        moe_intermediate = hf.get("moe_intermediate_size") or 1408
         return DecoderConfig(
             **fields,
+            **grouped_moe_fields(
+                hf,
+                fields["num_layers"],
+                default_experts=128,
+                default_first_dense=1,
+                default_moe_intermediate=1408,
+                default_scaling=1.0,
+            ),
             qkv_bias=bool(hf.get("attention_bias", False)),
             o_bias=False,
             qk_norm=bool(hf.get("use_qk_norm", False)),
-            moe_layers=frozenset(range(first_dense, fields["num_layers"])),
-            num_experts=num_experts,
-            top_k=hf.get("num_experts_per_tok") or 8,
-            moe_intermediate_size=moe_intermediate,
-            renormalize=bool(hf.get("norm_topk_prob", True)),
-            router="sigmoid_grouped",
-            fp32_routing_weights=True,
-            n_group=hf.get("n_group") or 1,
-            topk_group=hf.get("topk_group") or 1,
-            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-            shared_expert_intermediate_size=moe_intermediate * hf.get("n_shared_experts", 1),
-            num_mtp_layers=hf.get("num_nextn_predict_layers") or hf.get("num_mtp_layers") or 0,
         )
