@@ -66,6 +66,9 @@ GLM_4_5: dict[str, Any] = dict(
     num_nextn_predict_layers=1,
 )
 
+# GLM-4.6 and GLM-4.7 keep GLM-4.5's shape and extend the context.
+GLM_4_7: dict[str, Any] = dict(GLM_4_5, max_position_embeddings=202752)
+
 GLM_4_5_AIR: dict[str, Any] = dict(
     GLM_4_5,
     hidden_size=4096,
@@ -192,10 +195,11 @@ def transformers_count(hf_config: dict[str, Any]) -> int:
         (QWEN3_30B_A3B, 30.5, 3.3, True),
         (GLM_4_5, 355, 32, False),
         (GLM_4_5_AIR, 106, 12, False),
+        (GLM_4_7, 355, 32, False),
         (DEEPSEEK_V3_1, 671, 37, True),
         (KIMI_K2, 1026, 32, True),
     ],
-    ids=["Qwen3-30B-A3B", "GLM-4.5", "GLM-4.5-Air", "DeepSeek-V3.1", "Kimi-K2"],
+    ids=["Qwen3-30B-A3B", "GLM-4.5", "GLM-4.5-Air", "GLM-4.7", "DeepSeek-V3.1", "Kimi-K2"],
 )
 def test_flagship_parameter_counts(config, total, active, active_counts_embeddings):
     got_total, got_active, embeddings, _ = counts(config)
