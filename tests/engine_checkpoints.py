@@ -284,3 +284,18 @@ def reference_model(path: Path | str) -> Any:
         experts_implementation="eager",
     )
     return model.eval()
+
+
+def reference_greedy(path: Path | str, prompt: list[int], max_tokens: int) -> list[int]:
+    """transformers' fp32 greedy continuation of `prompt`, going on past EOS."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = reference_model(path).generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_tokens,
+            eos_token_id=None,
+            pad_token_id=2,
+        )
+    return out[0, len(prompt) :].tolist()

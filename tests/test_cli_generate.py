@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from click.testing import CliRunner, Result
-from engine_checkpoints import VOCAB_SIZE, reference_model
+from engine_checkpoints import VOCAB_SIZE, reference_greedy
 from transformers import AutoTokenizer
 
 from bisllm_truss.cli import main
@@ -32,17 +31,7 @@ def model_dir(checkpoint) -> Path:
 
 def transformers_greedy(model_dir: Path) -> list[int]:
     """transformers' greedy 12 tokens after PROMPT_IDS, going on past EOS (--ignore-eos)."""
-    ids = torch.tensor([PROMPT_IDS])
-    with torch.no_grad():
-        out = reference_model(model_dir).generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=12,
-            eos_token_id=None,
-            pad_token_id=2,
-        )
-    tokens = out[0, len(PROMPT_IDS) :].tolist()
+    tokens = reference_greedy(model_dir, PROMPT_IDS, 12)
     assert len(tokens) == 12
     return tokens
 

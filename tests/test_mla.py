@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_checkpoints import reference_model
+from engine_checkpoints import reference_greedy
 from safetensors.torch import load_file, save_file
 from test_flagship_configs import DEEPSEEK_V3_1, KIMI_K2
 
@@ -144,21 +144,6 @@ def _fp8_checkpoints(source: Path, tmp: Path) -> tuple[Path, Path, list[str]]:
     return fp8_dir, plain_dir, quantized
 
 
-def _transformers_greedy(model_dir: Path, prompt: list[int], max_tokens: int) -> list[int]:
-    model = reference_model(model_dir)
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=max_tokens,
-            eos_token_id=None,
-            pad_token_id=2,
-        )
-    return out[0, len(prompt) :].tolist()
-
-
 def test_fp8_block_checkpoint_loads_dequantized_and_matches_transformers(checkpoint, tmp_path):
     fp8_dir, plain_dir, quantized = _fp8_checkpoints(checkpoint("deepseek_v3"), tmp_path)
     assert any("experts" in n for n in quantized) and any("kv_b_proj" in n for n in quantized)
@@ -180,7 +165,7 @@ def test_fp8_block_checkpoint_loads_dequantized_and_matches_transformers(checkpo
     (out,) = engine.generate(
         [prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     )
-    assert out.token_ids == _transformers_greedy(plain_dir, prompt, 24)
+    assert out.token_ids == reference_greedy(plain_dir, prompt, 24)
 
 
 def test_fp8_checkpoint_errors_name_the_tensor(checkpoint, tmp_path):
