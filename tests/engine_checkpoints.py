@@ -124,6 +124,56 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         ),
         rms_norm_eps=1e-6,
     ),
+    # GPT-OSS in miniature: sliding (window 8, shorter than most test prompts), full,
+    # sliding; sinks; yarn RoPE without truncation; biased router and experts. The SwiGLU
+    # limit is lowered from 7 so the clamps act on these small activations.
+    "gpt_oss": dict(
+        _COMMON,
+        num_hidden_layers=3,
+        head_dim=16,
+        intermediate_size=64,  # a multiple of 32, as MXFP4 blocks need
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        sliding_window=8,
+        swiglu_limit=1.0,
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=150_000.0,
+            factor=4.0,
+            original_max_position_embeddings=128,  # x factor = max_position_embeddings
+            beta_fast=32.0,
+            beta_slow=1.0,
+            truncate=False,
+        ),
+        rms_norm_eps=1e-5,
+    ),
+    # Llama 4 in miniature: layers 0-2 chunked (16 positions) with RoPE and QK norm, layer 3
+    # NoPE and global; MoE on layers 1 and 3 (top-1 on the input, shared expert), dense 0
+    # and 2; temperature tuning from position 7 on (floor_scale 8) so it acts in the tests.
+    "llama4": dict(
+        _COMMON,
+        num_hidden_layers=4,
+        head_dim=16,
+        intermediate_size=32,
+        intermediate_size_mlp=96,
+        num_local_experts=8,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,
+        attention_chunk_size=16,
+        use_qk_norm=True,
+        attn_temperature_tuning=True,
+        floor_scale=8,
+        attn_scale=0.1,
+        rope_parameters=dict(
+            rope_type="llama3",
+            rope_theta=500_000.0,
+            factor=16.0,
+            low_freq_factor=1.0,
+            high_freq_factor=1.0,
+            original_max_position_embeddings=32,  # x factor = max_position_embeddings
+        ),
+        rms_norm_eps=1e-5,
+    ),
 }
 
 # name -> (family, config overrides, save_pretrained kwargs): the variants the tests cover.
@@ -157,6 +207,21 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
         ),
         {},
     ),
+    "gpt_oss": ("gpt_oss", {}, {}),
+    "llama4": ("llama4", {}, {}),
+    # Maverick's choices: no QK norm, plain RoPE, every layer MoE, top-2 (input-side weights
+    # summed over two slots), and 12-position chunks.
+    "llama4_maverick": (
+        "llama4",
+        dict(
+            use_qk_norm=False,
+            interleave_moe_layer_step=1,
+            num_experts_per_tok=2,
+            attention_chunk_size=12,
+            rope_parameters=dict(rope_type="default", rope_theta=500_000.0),
+        ),
+        {},
+    ),
     "llama3_rope": (
         "llama",
         dict(
@@ -185,6 +250,8 @@ def _classes(family: str) -> tuple[type, type]:
         "llama": ("LlamaConfig", "LlamaForCausalLM"),
         "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM"),
         "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM"),
+        "gpt_oss": ("GptOssConfig", "GptOssForCausalLM"),
+        "llama4": ("Llama4TextConfig", "Llama4ForCausalLM"),
     }
     if family not in names:
         raise ValueError(f"unknown family {family!r}; known: {', '.join(names)}")

@@ -65,7 +65,9 @@ def test_prompt_ids_json_matches_transformers_greedy(model_dir, greedy_reference
     assert data["text"] == tokenizer.decode(data["token_ids"], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("family", ["mixtral", "llama", "glm4_moe", "deepseek_v3"])
+@pytest.mark.parametrize(
+    "family", ["mixtral", "llama", "glm4_moe", "deepseek_v3", "gpt_oss", "llama4"]
+)
 def test_every_family_generates_like_transformers(family, checkpoint):
     path = checkpoint(family)
     result = generate(path, *CLI_ARGS)

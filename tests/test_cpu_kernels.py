@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from bisllm_server.engine import cpu_kernels
 from bisllm_server.engine.cpu_kernels.backends import CpuAttentionBackend, CpuExpertsBackend
 from bisllm_server.engine.forward_batch import ForwardBatch
-from bisllm_server.engine.layers.moe import TorchExpertsBackend
 
 TOLERANCE = {torch.float32: 2e-6, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
@@ -114,12 +113,14 @@ def transposed_storage(w: torch.Tensor) -> torch.Tensor:
 
 
 def reference_experts(x, ids, weights, w13, w2) -> torch.Tensor:
-    """fp32, one matmul pair per expert (the PyTorch grouped path)."""
-    flat = ids.flatten()
-    counts = torch.bincount(flat, minlength=w13.shape[0])
-    return TorchExpertsBackend._grouped(
-        x.float(), flat, counts, weights.float(), w13.float(), w2.float()
-    )
+    """fp32, one matmul pair per (token, slot): sum_j w[t, j] * expert_ids[t, j](x[t])."""
+    x, weights, w13, w2 = x.float(), weights.float(), w13.float(), w2.float()
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j, expert in enumerate(ids[t].tolist()):
+            gate, up = (w13[expert] @ x[t]).chunk(2)
+            out[t] += weights[t, j] * (w2[expert] @ (torch.nn.functional.silu(gate) * up))
+    return out
 
 
 def expert_case(

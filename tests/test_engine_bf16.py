@@ -35,7 +35,23 @@ from bisllm_server.engine.sampling import SamplingParams
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
-VARIANTS = ["qwen3_moe", "qwen3_moe_mixed", "mixtral", "llama", "glm4_moe", "deepseek_v3"]
+VARIANTS = [
+    "qwen3_moe",
+    "qwen3_moe_mixed",
+    "mixtral",
+    "llama",
+    "glm4_moe",
+    "deepseek_v3",
+    "gpt_oss",
+    "llama4",
+]
+# The decode checks teacher-force the engine's tokens through transformers-bf16. Its GPT-OSS
+# runs only with eager attention on the CPU (no SDPA; flex attention refuses sinks on the CPU),
+# which rounds the softmax probabilities to bf16: its logprobs stray ~0.03 from fp32 where the
+# engine's SDPA softmax does not, so that reference cannot judge the engine's decode. GPT-OSS
+# keeps the prefill check (against fp32, where it beats transformers-bf16: max row error
+# 0.11 vs 0.37) and the fp32 token-for-token suite.
+DECODE_VARIANTS = [v for v in VARIANTS if v != "gpt_oss"]
 MAX_TOKENS = 64
 TOP_N = 5
 PREFILL_FLOOR = 0.05
@@ -214,7 +230,7 @@ def test_bf16_prefill_logprobs_close_to_fp32(variant, device, checkpoint, hf_mod
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", DECODE_VARIANTS)
 def test_bf16_greedy_batch1(variant, device, checkpoint, hf_bf16, hf_decode_noise):
     engine = engine_for(checkpoint(variant), device)
     prompts = PROMPTS[:4]
@@ -228,7 +244,7 @@ def test_bf16_greedy_batch1(variant, device, checkpoint, hf_bf16, hf_decode_nois
     ids=["mixed_batch", "chunked_prefill"],
 )
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", DECODE_VARIANTS)
 def test_bf16_greedy_batched(variant, device, engine_kwargs, checkpoint, hf_bf16, hf_decode_noise):
     engine = engine_for(checkpoint(variant), device, **engine_kwargs)
     results = engine.generate(PROMPTS, greedy_params())
@@ -236,7 +252,7 @@ def test_bf16_greedy_batched(variant, device, engine_kwargs, checkpoint, hf_bf16
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", DECODE_VARIANTS)
 def test_bf16_greedy_prefix_cache_hits(variant, device, checkpoint, hf_bf16, hf_decode_noise):
     engine = engine_for(checkpoint(variant), device, page_size=4)
     (first,) = engine.generate(PREFIX_PROMPTS[:1], greedy_params())

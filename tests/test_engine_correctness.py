@@ -32,8 +32,8 @@ from bisllm_server.engine.stats import EngineStats
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-FAMILIES = ["qwen3_moe", "mixtral", "llama", "glm4_moe", "deepseek_v3"]
-WITH_MIXED = [*FAMILIES, "qwen3_moe_mixed", "deepseek_v3_plain"]
+FAMILIES = ["qwen3_moe", "mixtral", "llama", "glm4_moe", "deepseek_v3", "gpt_oss", "llama4"]
+WITH_MIXED = [*FAMILIES, "qwen3_moe_mixed", "deepseek_v3_plain", "llama4_maverick"]
 MAX_TOKENS = 64
 EOS = 0
 IGNORE_EOS, MIN_TOKENS = "ignore_eos", "min_tokens"

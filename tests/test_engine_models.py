@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from bisllm_server.engine.attention import TorchAttentionBackend
 from bisllm_server.engine.forward_batch import ForwardBatch
 from bisllm_server.engine.kv_cache import KVPool
+from bisllm_server.engine.layers.mlp import clamped_swiglu
 from bisllm_server.engine.layers.moe import TorchExpertsBackend, softmax_topk
 from bisllm_server.engine.layers.rotary import compute_inv_freq, rope_parameters
 from bisllm_server.engine.loader import LoadedModel, load_model
@@ -26,7 +28,7 @@ from bisllm_server.engine.models import (
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-FAMILY_VARIANTS = ["qwen3_moe", "mixtral", "llama", "glm4_moe", "deepseek_v3"]
+FAMILY_VARIANTS = ["qwen3_moe", "mixtral", "llama", "glm4_moe", "deepseek_v3", "gpt_oss", "llama4"]
 
 
 def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
@@ -191,12 +193,12 @@ def _copy_checkpoint(src: Path, dst: Path) -> Path:
 def test_unsupported_architecture_lists_supported_ones(checkpoint, tmp_path):
     path = _copy_checkpoint(checkpoint("llama"), tmp_path / "ckpt")
     config = json.loads((path / "config.json").read_text())
-    config.update(architectures=["GptOssForCausalLM"], model_type="gpt_oss")
+    config.update(architectures=["JambaForCausalLM"], model_type="jamba")
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UnsupportedModelError) as err:
         load_model(path)
     message = str(err.value)
-    assert "GptOssForCausalLM" in message
+    assert "JambaForCausalLM" in message
     for supported in ("Qwen3MoeForCausalLM", "MixtralForCausalLM", "LlamaForCausalLM"):
         assert supported in message
     assert isinstance(err.value, ValueError)
@@ -275,10 +277,13 @@ def test_model_config_fields(engine_model):
 def test_bf16_load_close_to_fp32(variant, checkpoint, engine_model):
     loaded = load_model(checkpoint(variant), dtype="bf16")
     assert loaded.config.dtype == torch.bfloat16
-    # Everything is bf16 but the sigmoid routers' weight and bias, kept fp32 as in transformers.
+    # Everything is bf16 but what transformers keeps in fp32: the sigmoid routers' weight and
+    # bias (GLM, DeepSeek) and GPT-OSS's norms.
     for name, param in loaded.model.named_parameters():
-        fp32 = name.endswith(("mlp.gate.weight", "e_score_correction_bias")) and (
-            variant in ("glm4_moe", "deepseek_v3")
+        router = name.endswith(("mlp.gate.weight", "e_score_correction_bias"))
+        norm = name.endswith("layernorm.weight") or name == "model.norm.weight"
+        fp32 = (router and variant in ("glm4_moe", "deepseek_v3")) or (
+            norm and variant == "gpt_oss"
         )
         assert param.dtype == (torch.float32 if fp32 else torch.bfloat16), name
     ids = prompt(20, seed=7)
@@ -287,8 +292,10 @@ def test_bf16_load_close_to_fp32(variant, checkpoint, engine_model):
     assert ours.dtype == torch.float32
     row_err = (ours - ref).abs().amax(-1) / ref.abs().max()
     # bf16 rounding can flip a token's expert choice (transformers' bf16 run flips the same
-    # token here), so single rows get a loose bound and the typical row a tight one.
-    assert row_err.max() <= 0.15
+    # token here), so single rows get a loose bound and the typical row a tight one. With
+    # Llama 4's single expert per token a flip swaps the whole routed output (transformers'
+    # bf16 row there: 0.185).
+    assert row_err.max() <= (0.25 if variant == "llama4" else 0.15)
     assert row_err.median() <= 0.03
 
 
@@ -306,25 +313,41 @@ def test_bf16_load_close_to_fp32(variant, checkpoint, engine_model):
     ],
     ids=["dense", "padded", "padded_sorted_ranks", "grouped", "gathered"],
 )
-def test_torch_experts_backend_matches_naive_reference(tokens, experts, max_waste, one_hot_max):
+@pytest.mark.parametrize("gpt_oss_style", [False, True], ids=["swiglu", "biased_clamped"])
+def test_torch_experts_backend_matches_naive_reference(
+    tokens, experts, max_waste, one_hot_max, gpt_oss_style
+):
+    """Every grouping strategy against a per-(token, slot) loop; `gpt_oss_style` adds expert
+    biases and the clamped SwiGLU (limit 0.5, so the clamps bind)."""
     gen = torch.Generator().manual_seed(0)
     hidden, inter, top_k = 24, 16, 3
     x = torch.randn(tokens, hidden, generator=gen)
     w13 = torch.randn(experts, 2 * inter, hidden, generator=gen) / hidden**0.5
     w2 = torch.randn(experts, hidden, inter, generator=gen) / inter**0.5
+    b13 = torch.randn(experts, 2 * inter, generator=gen) if gpt_oss_style else None
+    b2 = torch.randn(experts, hidden, generator=gen) if gpt_oss_style else None
     weights, ids = softmax_topk(torch.randn(tokens, experts, generator=gen), top_k, True)
     ids[0] = torch.tensor([7, 6, 5])  # experts 0..4 unused by token 0; some expert may be idle
+
+    def expert(e: int, v: torch.Tensor) -> torch.Tensor:
+        gate, up = (w13[e] @ v + (0 if b13 is None else b13[e])).chunk(2)
+        if not gpt_oss_style:
+            return w2[e] @ (torch.nn.functional.silu(gate) * up)
+        gate, up = gate.clamp(max=0.5), up.clamp(-0.5, 0.5)
+        return w2[e] @ ((up + 1) * gate * torch.sigmoid(1.702 * gate)) + b2[e]
 
     expected = torch.zeros(tokens, hidden)
     for t in range(tokens):
         for j in range(top_k):
-            e = int(ids[t, j])
-            gate, up = (w13[e] @ x[t]).chunk(2)
-            expected[t] += weights[t, j] * (w2[e] @ (torch.nn.functional.silu(gate) * up))
+            expected[t] += weights[t, j] * expert(int(ids[t, j]), x[t])
     backend = TorchExpertsBackend(max_waste, one_hot_max=one_hot_max)
-    got = backend.forward(x, ids, weights, w13, w2)
+    extra = {}
+    if gpt_oss_style:
+        act = functools.partial(clamped_swiglu, alpha=1.702, limit=0.5)
+        extra = dict(b13=b13, b2=b2, activation=act)
+    got = backend.forward(x, ids, weights, w13, w2, **extra)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    empty = backend.forward(x[:0], ids[:0], weights[:0], w13, w2)
+    empty = backend.forward(x[:0], ids[:0], weights[:0], w13, w2, **extra)
     assert empty.shape == (0, hidden)
 
 
@@ -340,11 +363,31 @@ def test_softmax_topk_renormalisation():
 # attention backend and rotary, against straightforward references ---------------------------
 
 
-def test_attention_backend_matches_naive_causal_attention():
+# Per-layer restrictions (attention.py): none, a sliding window, chunks, sinks, window + sinks.
+RESTRICTIONS = {
+    "causal": {},
+    "window4": dict(sliding_window=4),
+    "chunks5": dict(chunk_size=5),
+    "sinks": dict(sinks=torch.tensor([0.5, -1.0, 2.0, 0.0])),
+    "window3_sinks": dict(sliding_window=3, sinks=torch.tensor([1.5, 0.3, -0.7, 3.0])),
+}
+
+
+@pytest.mark.parametrize("restriction", list(RESTRICTIONS))
+@pytest.mark.parametrize("backend_cls", ["torch", "cpu_kernels"])
+def test_attention_backend_matches_naive_causal_attention(backend_cls, restriction):
+    from bisllm_server.engine import cpu_kernels
+    from bisllm_server.engine.cpu_kernels.backends import CpuAttentionBackend
+
+    if backend_cls == "cpu_kernels":
+        assert cpu_kernels.available(), cpu_kernels.failure()
+    extra = RESTRICTIONS[restriction]
+    window, chunk, sinks = (extra.get(k) for k in ("sliding_window", "chunk_size", "sinks"))
     gen = torch.Generator().manual_seed(0)
     heads, kv_heads, dim, slots = 4, 2, 8, 64
     k_buf, v_buf = torch.zeros(slots, kv_heads, dim), torch.zeros(slots, kv_heads, dim)
-    attn = TorchAttentionBackend([k_buf], [v_buf])
+    backend = TorchAttentionBackend if backend_cls == "torch" else CpuAttentionBackend
+    attn = backend([k_buf], [v_buf])
     free = torch.randperm(slots, generator=gen).tolist()
     contexts = {s: [free.pop() for _ in range(n)] for s, n in enumerate([7, 3, 12])}
     keys = {s: torch.randn(len(c), kv_heads, dim, generator=gen) for s, c in contexts.items()}
@@ -374,6 +417,7 @@ def test_attention_backend_matches_naive_causal_attention():
             torch.cat([keys[s][list(r)] for s, r in enumerate(news)]),
             torch.cat([vals[s][list(r)] for s, r in enumerate(news)]),
             scale=0.3,
+            **extra,
         )
         assert not out.isnan().any()
         expected = []
@@ -381,8 +425,18 @@ def test_attention_backend_matches_naive_causal_attention():
             k = keys[s].repeat_interleave(heads // kv_heads, dim=1)
             v = vals[s].repeat_interleave(heads // kv_heads, dim=1)
             scores = torch.einsum("qhd,khd->hqk", q[s], k) * 0.3
-            future = torch.arange(len(contexts[s]))[None, :] > torch.tensor(list(r))[:, None]
-            probs = scores.masked_fill(future, float("-inf")).softmax(-1)
+            key_pos, query_pos = torch.arange(len(contexts[s]))[None, :], torch.tensor(list(r))
+            hidden = key_pos > query_pos[:, None]
+            if window is not None:
+                hidden |= key_pos <= query_pos[:, None] - window
+            if chunk is not None:
+                hidden |= key_pos // chunk != query_pos[:, None] // chunk
+            scores = scores.masked_fill(hidden, float("-inf"))
+            if sinks is None:
+                probs = scores.softmax(-1)
+            else:  # exp(sink) joins the denominator only
+                sink = sinks[:, None, None].expand(-1, scores.shape[1], 1)
+                probs = torch.cat((scores, sink), -1).softmax(-1)[..., :-1]
             expected.append(torch.einsum("hqk,khd->qhd", probs, v))
         torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=1e-5)
 

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import torch
 
+from bisllm_server.engine.layers.moe import SparseMoE
 from bisllm_server.engine.models import resolve_architecture
 from bisllm_server.engine.models.config import DecoderConfig
 
@@ -150,17 +151,122 @@ KIMI_K2: dict[str, Any] = dict(
     num_nextn_predict_layers=0,
 )
 
+GPT_OSS_120B: dict[str, Any] = dict(
+    architectures=["GptOssForCausalLM"],
+    model_type="gpt_oss",
+    vocab_size=201088,
+    hidden_size=2880,
+    intermediate_size=2880,
+    num_hidden_layers=36,
+    num_attention_heads=64,
+    num_key_value_heads=8,
+    head_dim=64,
+    num_local_experts=128,
+    num_experts_per_tok=4,
+    experts_per_token=4,
+    attention_bias=True,
+    sliding_window=128,
+    layer_types=["sliding_attention", "full_attention"] * 18,
+    swiglu_limit=7.0,
+    initial_context_length=4096,
+    max_position_embeddings=131072,
+    rope_theta=150000,
+    rope_scaling=dict(
+        rope_type="yarn",
+        factor=32.0,
+        beta_fast=32.0,
+        beta_slow=1.0,
+        original_max_position_embeddings=4096,
+        truncate=False,
+    ),
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    eos_token_id=200002,
+    pad_token_id=199999,
+    quantization_config=dict(
+        quant_method="mxfp4",
+        modules_to_not_convert=[
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    ),
+)
+
+GPT_OSS_20B: dict[str, Any] = dict(
+    GPT_OSS_120B,
+    num_hidden_layers=24,
+    num_local_experts=32,
+    layer_types=["sliding_attention", "full_attention"] * 12,
+)
+
+# The hub repo's config.json is the multimodal one; the engine reads its `text_config`.
+LLAMA_4_MAVERICK: dict[str, Any] = dict(
+    architectures=["Llama4ForConditionalGeneration"],
+    model_type="llama4",
+    text_config=dict(
+        model_type="llama4_text",
+        vocab_size=202048,
+        hidden_size=5120,
+        intermediate_size=8192,
+        intermediate_size_mlp=16384,
+        num_hidden_layers=48,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        head_dim=128,
+        num_local_experts=128,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,
+        use_qk_norm=False,
+        attention_chunk_size=8192,
+        attn_temperature_tuning=True,
+        floor_scale=8192,
+        attn_scale=0.1,
+        max_position_embeddings=1048576,
+        rope_theta=500000.0,
+        rope_scaling=None,
+        rms_norm_eps=1e-5,
+        bos_token_id=200000,
+        eos_token_id=[200001, 200007, 200008],
+        pad_token_id=200018,
+        tie_word_embeddings=False,
+    ),
+    tie_word_embeddings=False,
+)
+
+LLAMA_4_SCOUT: dict[str, Any] = dict(
+    LLAMA_4_MAVERICK,
+    text_config=dict(
+        LLAMA_4_MAVERICK["text_config"],
+        num_local_experts=16,
+        interleave_moe_layer_step=1,
+        use_qk_norm=True,
+        max_position_embeddings=10485760,
+        rope_scaling=dict(
+            rope_type="llama3",
+            factor=16.0,
+            low_freq_factor=1.0,
+            high_freq_factor=1.0,
+            original_max_position_embeddings=8192,
+        ),
+    ),
+)
+
 
 def counts(hf_config: dict[str, Any]) -> tuple[int, int, int, DecoderConfig]:
     """(total, active, embedding + head) parameters without the MTP layers, and the parsed
-    config."""
+    config. Active: everything but the experts a token's router leaves out (k of E run)."""
     _, cls = resolve_architecture(hf_config)
     with torch.device("meta"):
         model = cls(hf_config)
     cfg = model.config
     total = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
-    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-    idle = (cfg.num_experts - cfg.top_k) * per_expert * len(cfg.moe_layers)
+    idle = 0
+    for layer in model.model.layers:
+        if isinstance(layer.mlp, SparseMoE):
+            experts = sum(p.numel() for p in layer.mlp.experts.parameters())
+            idle += experts * (cfg.num_experts - cfg.top_k) // cfg.num_experts
     embeddings = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
     return total, total - idle, embeddings, cfg
 
@@ -175,7 +281,10 @@ def transformers_count(hf_config: dict[str, Any]) -> int:
         "glm4_moe": "Glm4MoeConfig",
         "deepseek_v3": "DeepseekV3Config",
         "kimi_k2": "DeepseekV3Config",  # transformers has no kimi_k2; K2 is this architecture
+        "gpt_oss": "GptOssConfig",
+        "llama4_text": "Llama4TextConfig",
     }
+    hf_config = hf_config.get("text_config") or hf_config  # Llama 4: the text model
     skipped = ("architectures", "model_type", "quantization_config")
     kwargs = {k: v for k, v in hf_config.items() if k not in skipped}
     config = getattr(transformers, config_cls[hf_config["model_type"]])(**kwargs)
@@ -188,20 +297,37 @@ def transformers_count(hf_config: dict[str, Any]) -> int:
 # Published sizes, in billions: total, and active per token. Qwen counts the embedding and the
 # head as active (3.3B of 30.5B); Zhipu does not (32B of 355B, 12B of 106B), so for GLM the
 # active figure is compared without them. DeepSeek's 37B and Moonshot's 32B active include
-# them; their totals exclude the MTP layer (671B; the hub's "685B" adds it).
+# them; their totals exclude the MTP layer (671B; the hub's "685B" adds it). OpenAI counts the
+# head but not the embedding (5.1B of 117B, 3.6B of 21B). Meta's 17B active includes both;
+# its totals (400B, 109B) include a vision tower of under 1B that the text model leaves out.
 @pytest.mark.parametrize(
-    ("config", "total", "active", "active_counts_embeddings"),
+    ("config", "total", "active", "active_counts"),
     [
-        (QWEN3_30B_A3B, 30.5, 3.3, True),
-        (GLM_4_5, 355, 32, False),
-        (GLM_4_5_AIR, 106, 12, False),
-        (GLM_4_7, 355, 32, False),
-        (DEEPSEEK_V3_1, 671, 37, True),
-        (KIMI_K2, 1026, 32, True),
+        (QWEN3_30B_A3B, 30.5, 3.3, "both"),
+        (GLM_4_5, 355, 32, "none"),
+        (GLM_4_5_AIR, 106, 12, "none"),
+        (GLM_4_7, 355, 32, "none"),
+        (DEEPSEEK_V3_1, 671, 37, "both"),
+        (KIMI_K2, 1026, 32, "both"),
+        (GPT_OSS_120B, 117, 5.1, "head"),
+        (GPT_OSS_20B, 21, 3.6, "head"),
+        (LLAMA_4_MAVERICK, 400, 17, "both"),
+        (LLAMA_4_SCOUT, 109, 17, "both"),
     ],
-    ids=["Qwen3-30B-A3B", "GLM-4.5", "GLM-4.5-Air", "GLM-4.7", "DeepSeek-V3.1", "Kimi-K2"],
+    ids=[
+        "Qwen3-30B-A3B",
+        "GLM-4.5",
+        "GLM-4.5-Air",
+        "GLM-4.7",
+        "DeepSeek-V3.1",
+        "Kimi-K2",
+        "GPT-OSS-120B",
+        "GPT-OSS-20B",
+        "Llama-4-Maverick",
+        "Llama-4-Scout",
+    ],
 )
-def test_flagship_parameter_counts(config, total, active, active_counts_embeddings):
+def test_flagship_parameter_counts(config, total, active, active_counts):
     got_total, got_active, embeddings, _ = counts(config)
     assert got_total == transformers_count(config)
     assert got_total / 1e9 == pytest.approx(total, rel=0.015)
@@ -214,8 +340,8 @@ def test_flagship_parameter_counts(config, total, active, active_counts_embeddin
         block = sum(p.numel() for p in model.model.layers[-1].parameters())
         mtp = sum(p.numel() for p in model.mtp.parameters())
         assert mtp == block + 2 * hidden * hidden + 3 * hidden
-    if not active_counts_embeddings:
-        got_active -= embeddings
+    if active_counts != "both":
+        got_active -= embeddings // (2 if active_counts == "head" else 1)
     assert got_active / 1e9 == pytest.approx(active, rel=0.03)
 
 
@@ -251,3 +377,59 @@ def test_deepseek_config_parsing():
     assert kimi.moe_layers == frozenset(range(1, 61)) and kimi.n_group == 1
     assert kimi.routed_scaling_factor == pytest.approx(2.827)
     assert kimi.num_mtp_layers == 0
+
+
+def test_gpt_oss_config_parsing():
+    *_, cfg = counts(GPT_OSS_120B)
+    assert cfg.layer_types[:4] == ("sliding_attention", "full_attention") * 2
+    assert cfg.sliding_window == 128 and cfg.attention_sinks
+    assert cfg.qkv_bias and cfg.o_bias and cfg.router_bias and cfg.expert_bias
+    assert (cfg.router, cfg.top_k, cfg.num_experts) == ("topk_softmax", 4, 128)
+    assert (cfg.expert_activation, cfg.swiglu_limit) == ("clamped_swiglu", 7.0)
+    assert cfg.moe_layers == frozenset(range(36)) and cfg.norm_fp32_scale
+    assert cfg.rope["rope_type"] == "yarn" and cfg.rope["truncate"] is False
+    # Without RoPE keys, transformers' GptOssConfig default applies (yarn 32, no truncation).
+    bare = {k: v for k, v in GPT_OSS_20B.items() if k not in ("rope_scaling", "layer_types")}
+    *_, default = counts(bare)
+    assert default.rope["factor"] == 32.0 and default.rope["truncate"] is False
+    assert default.layer_types == ("sliding_attention", "full_attention") * 12
+
+
+def test_llama4_config_parsing():
+    *_, maverick = counts(LLAMA_4_MAVERICK)
+    assert maverick.moe_layers == frozenset(range(1, 48, 2))  # odd layers MoE
+    assert maverick.intermediate_size == 16384 and maverick.moe_intermediate_size == 8192
+    assert maverick.shared_expert_intermediate_size == 8192
+    assert maverick.nope_layers == frozenset(range(3, 48, 4))  # every 4th layer
+    assert maverick.layer_type(0) == "chunked_attention" and maverick.layer_type(3) == (
+        "full_attention"
+    )
+    assert maverick.attention_chunk_size == 8192 and maverick.rope_interleave
+    assert not maverick.qk_l2_norm and maverick.attn_temperature_tuning
+    assert maverick.router == "sigmoid_topk_input" and maverick.top_k == 1
+    assert maverick.rope["rope_type"] == "default" and maverick.rope["rope_theta"] == 500000.0
+    *_, scout = counts(LLAMA_4_SCOUT)
+    assert scout.moe_layers == frozenset(range(48)) and scout.qk_l2_norm
+    assert scout.rope["rope_type"] == "llama3" and scout.rope["factor"] == 16.0
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (dict(GPT_OSS_20B, layer_types=["sliding_attention"] * 3), "layer_types must list 24"),
+        (
+            dict(GPT_OSS_20B, layer_types=["local"] * 24),
+            "entries of sliding_attention / full_attention",
+        ),
+        (
+            dict(LLAMA_4_SCOUT, text_config=dict(LLAMA_4_SCOUT["text_config"], no_rope_layers=[1])),
+            "no_rope_layers lists 1 layers, the model has 48",
+        ),
+    ],
+    ids=["gpt_oss_short_layer_types", "gpt_oss_unknown_layer_type", "llama4_short_no_rope"],
+)
+def test_bad_layer_lists_are_named(config, message):
+    from bisllm_server.engine.models import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match=message):
+        counts(config)

@@ -22,6 +22,7 @@ from bisllm_server.engine.models import (
     UnsupportedModelError,
     resolve_architecture,
 )
+from bisllm_server.engine.mxfp4 import dequantize_mxfp4_experts, is_mxfp4
 
 DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
@@ -132,6 +133,8 @@ def load_model(
     tensors = _stream_tensors(files)
     if (block := fp8_block_size(hf)) is not None:
         tensors = dequantize_fp8_blocks(tensors, block, torch_dtype)
+    elif is_mxfp4(hf):
+        tensors = dequantize_mxfp4_experts(tensors, torch_dtype)
     model.load_weights(tensors)
     for module in model.modules():  # non-persistent buffers (rotary inv_freq) are not in files
         if hasattr(module, "reset_buffers"):
@@ -140,11 +143,14 @@ def load_model(
 
     generation_path = model_dir / "generation_config.json"
     generation = _read_json(generation_path) if generation_path.is_file() else {}
+    # Multimodal configs (Llama 4) keep the text model's token ids in `text_config`.
+    text = hf.get("text_config") if isinstance(hf.get("text_config"), dict) else {}
     eos: list[int] = []
-    for token in _token_ids(hf.get("eos_token_id")) + _token_ids(generation.get("eos_token_id")):
-        if token not in eos:
-            eos.append(token)
-    bos = hf.get("bos_token_id")
+    for value in (hf.get("eos_token_id"), text.get("eos_token_id"), generation.get("eos_token_id")):
+        for token in _token_ids(value):
+            if token not in eos:
+                eos.append(token)
+    bos = hf.get("bos_token_id", text.get("bos_token_id"))
     cfg = model.config
     kv_heads, kv_dim, kv_value_dim, kv_shared = cfg.kv_cache_layout
     config = ModelConfig(

@@ -11,17 +11,19 @@ import torch
 
 from bisllm_server.engine.attention import TorchAttentionBackend
 from bisllm_server.engine.forward_batch import ForwardBatch
-from bisllm_server.engine.layers.moe import TorchExpertsBackend
+from bisllm_server.engine.layers.mlp import silu_and_mul
+from bisllm_server.engine.layers.moe import Activation, TorchExpertsBackend
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
     """Decode steps (one query per sequence) attend straight over the paged pool. The kernel
-    needs separate, equally wide K and V buffers; other pools (MLA's shared latent) keep the
-    PyTorch path."""
+    needs separate, equally wide K and V buffers and plain causal attention; other pools
+    (MLA's shared latent) and layers with a window, chunks or sinks keep the PyTorch path."""
 
     def __init__(self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor]) -> None:
         super().__init__(k_buffers, v_buffers)
         self._decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._batch: ForwardBatch | None = None  # for the PyTorch metadata, built on demand
         self._kernel_fits = all(
             k.shape == v.shape and v.is_contiguous()
             for k, v in zip(k_buffers, v_buffers, strict=True)
@@ -31,6 +33,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
         if self._kernel_fits and all(n == 1 for n in batch.query_lens):
             kv_lens = torch.tensor(batch.kv_lens, dtype=torch.int64)
             self._decode = (batch.out_slots, batch.kv_slots.contiguous(), kv_lens)
+            self._batch = batch
             self.meta = None
         else:
             self._decode = None
@@ -43,9 +46,26 @@ class CpuAttentionBackend(TorchAttentionBackend):
         k: torch.Tensor,
         v: torch.Tensor | None,
         scale: float,
+        *,
+        sliding_window: int | None = None,
+        chunk_size: int | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self._decode is None:
-            return super().forward(layer_id, q, k, v, scale)
+        plain = sliding_window is None and chunk_size is None and sinks is None
+        if self._decode is None or not plain:
+            if self.meta is None:
+                assert self._batch is not None, "begin(batch) must run before forward"
+                super().begin(self._batch)
+            return super().forward(
+                layer_id,
+                q,
+                k,
+                v,
+                scale,
+                sliding_window=sliding_window,
+                chunk_size=chunk_size,
+                sinks=sinks,
+            )
         assert v is not None, "the kernel path only serves pools with V buffers of their own"
         out_slots, kv_slots, kv_lens = self._decode
         k_buf, v_buf = self.k_buffers[layer_id], self.v_buffers[layer_id]
@@ -78,9 +98,16 @@ class CpuExpertsBackend(TorchExpertsBackend):
         topk_weights: torch.Tensor,
         w13: torch.Tensor,
         w2: torch.Tensor,
+        *,
+        b13: torch.Tensor | None = None,
+        b2: torch.Tensor | None = None,
+        activation: Activation = silu_and_mul,
     ) -> torch.Tensor:
+        # The kernel computes bias-free silu(gate) * up experts only.
+        plain = b13 is None and b2 is None and activation is silu_and_mul
         if (
-            0 < topk_ids.numel() <= self.max_pairs
+            plain
+            and 0 < topk_ids.numel() <= self.max_pairs
             and x.device.type == "cpu"
             and _is_transposed_storage(w13)
             and _is_transposed_storage(w2)
@@ -88,7 +115,9 @@ class CpuExpertsBackend(TorchExpertsBackend):
             return torch.ops.bisllm_cpu.fused_experts(
                 x.contiguous(), topk_ids.contiguous(), topk_weights, w13, w2
             )
-        return super().forward(x, topk_ids, topk_weights, w13, w2)
+        return super().forward(
+            x, topk_ids, topk_weights, w13, w2, b13=b13, b2=b2, activation=activation
+        )
 
 
 def _transposed_storage(w: torch.Tensor) -> torch.Tensor:

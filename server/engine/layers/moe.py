@@ -1,13 +1,21 @@
-"""Sparse mixture-of-experts block: softmax top-k router plus fused SwiGLU experts.
+"""Sparse mixture-of-experts block: a router plus fused SwiGLU experts.
 
 Experts are stored fused, as transformers 5 keeps them in memory: `w13` [E, 2*I, H] (gate rows,
-then up rows) and `w2` [E, H, I]. The expert computation sits behind `ExpertsBackend` so a
-fused GPU kernel can replace the PyTorch grouping without touching the models.
+then up rows) and `w2` [E, H, I], with optional biases `b13` [E, 2*I] and `b2` [E, H] and
+another gated activation than silu(gate) * up (GPT-OSS). The expert computation sits behind
+`ExpertsBackend` so a fused GPU kernel can replace the PyTorch grouping without touching the
+models.
+
+Routers (`router=`): "softmax" (softmax over all experts, then top-k: Qwen3-MoE, Mixtral),
+"topk_softmax" (top-k logits, then softmax over those k: GPT-OSS), "sigmoid_grouped"
+(DeepSeek-V3 / GLM-4.5, GroupedTopkRouter) and "sigmoid_topk_input" (Llama 4: sigmoid of the
+top-k logits, which scales each expert's input instead of its output).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +39,26 @@ def softmax_topk(
     return (weights if fp32_weights else weights.to(router_logits.dtype)), ids
 
 
+def topk_softmax(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPT-OSS: the top-k logits, softmaxed among themselves in the logits' dtype."""
+    values, ids = torch.topk(router_logits, top_k, dim=-1)
+    return torch.softmax(values, dim=-1, dtype=values.dtype), ids
+
+
+def sigmoid_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama 4: sigmoid (in fp32, rounded to the logits' dtype) of the top-k raw logits."""
+    values, ids = torch.topk(router_logits, top_k, dim=-1)
+    return values.float().sigmoid().to(values.dtype), ids
+
+
+# An expert's activation: [..., gate | up] (2 * I wide) -> [..., I].
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
 class ExpertsBackend(ABC):
-    """Computes sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) for every token t."""
+    """Computes sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]) for every token t,
+    where expert_e(x) = act(x @ w13[e].T + b13[e]) @ w2[e].T + b2[e] (no biases: b13 and b2
+    None; act: silu_and_mul unless given)."""
 
     def prepare_weights(
         self, w13: torch.Tensor, w2: torch.Tensor
@@ -49,6 +75,10 @@ class ExpertsBackend(ABC):
         topk_weights: torch.Tensor,
         w13: torch.Tensor,
         w2: torch.Tensor,
+        *,
+        b13: torch.Tensor | None = None,
+        b2: torch.Tensor | None = None,
+        activation: Activation = silu_and_mul,
     ) -> torch.Tensor: ...
 
 
@@ -86,26 +116,32 @@ class TorchExpertsBackend(ExpertsBackend):
         topk_weights: torch.Tensor,
         w13: torch.Tensor,
         w2: torch.Tensor,
+        *,
+        b13: torch.Tensor | None = None,
+        b2: torch.Tensor | None = None,
+        activation: Activation = silu_and_mul,
     ) -> torch.Tensor:
         num_experts, top_k = w13.shape[0], topk_ids.shape[1]
+        experts = _Experts(w13, w2, b13, b2, activation)
         if x.shape[0] == 0:
             return torch.zeros_like(x)
         if 2 * topk_ids.numel() <= num_experts:
-            return self._gathered(x, topk_ids, topk_weights, w13, w2)
+            return self._gathered(x, topk_ids, topk_weights, experts)
         if num_experts <= self.max_waste * top_k and x.shape[0] <= self.dense_max_tokens:
-            return self._dense(x, topk_ids, topk_weights, w13, w2)
+            return self._dense(x, topk_ids, topk_weights, experts)
 
         flat_ids = topk_ids.flatten()
         rank, counts = self._ranks(flat_ids, num_experts)
         width = int(counts.max())  # host sync: sizes the padded groups
         if num_experts * width > self.max_waste * flat_ids.numel():
-            return self._grouped(x, flat_ids, counts, topk_weights, w13, w2)
+            return self._grouped(x, flat_ids, counts, topk_weights, experts)
         # Pair p = (token p // k, slot p % k) goes to row `rank` of its expert's group.
         rows = flat_ids * width + rank
         pairs_x = x.repeat_interleave(top_k, dim=0)
         padded = x.new_zeros(num_experts * width, x.shape[1]).index_copy_(0, rows, pairs_x)
-        h = silu_and_mul(torch.bmm(padded.view(num_experts, width, -1), w13.transpose(1, 2)))
-        y = torch.bmm(h, w2.transpose(1, 2)).view(num_experts * width, -1).index_select(0, rows)
+        # Every expert's group at once; padding rows compute garbage that is never selected.
+        y = experts.batched(padded.view(num_experts, width, -1), experts.w13, experts.w2, None)
+        y = y.view(num_experts * width, -1).index_select(0, rows)
         return _weighted_sum(y.view(*topk_ids.shape, -1), topk_weights)
 
     def _ranks(self, flat_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,8 +165,7 @@ class TorchExpertsBackend(ExpertsBackend):
         flat_ids: torch.Tensor,
         counts: torch.Tensor,
         topk_weights: torch.Tensor,
-        w13: torch.Tensor,
-        w2: torch.Tensor,
+        experts: _Experts,
     ) -> torch.Tensor:
         # Stable sort keeps each expert's tokens in token order, like the reference loop.
         order = torch.argsort(flat_ids, stable=True)
@@ -139,8 +174,7 @@ class TorchExpertsBackend(ExpertsBackend):
         outs, start = [], 0
         for expert, count in enumerate(counts.tolist()):
             if count:
-                xs = x_sorted[start : start + count]
-                outs.append(F.linear(silu_and_mul(F.linear(xs, w13[expert])), w2[expert]))
+                outs.append(experts.one(x_sorted[start : start + count], expert))
                 start += count
         y = torch.cat(outs) * topk_weights.flatten()[order, None]
         # Summed in the product's dtype (fp32 with fp32 weights), rounded once, as _weighted_sum.
@@ -148,35 +182,62 @@ class TorchExpertsBackend(ExpertsBackend):
 
     @staticmethod
     def _gathered(
-        x: torch.Tensor,
-        topk_ids: torch.Tensor,
-        topk_weights: torch.Tensor,
-        w13: torch.Tensor,
-        w2: torch.Tensor,
+        x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: _Experts
     ) -> torch.Tensor:
         num_tokens, top_k = topk_ids.shape
         pairs = topk_ids.flatten()
         # Copying the picked experts' weights costs less than the ops of any grouping here.
         xs = x.repeat_interleave(top_k, dim=0)[:, None, :]  # [P, 1, H]
-        h = silu_and_mul(torch.bmm(xs, w13.index_select(0, pairs).transpose(1, 2)))
-        y = torch.bmm(h, w2.index_select(0, pairs).transpose(1, 2)).view(num_tokens, top_k, -1)
+        w13, w2 = experts.w13.index_select(0, pairs), experts.w2.index_select(0, pairs)
+        y = experts.batched(xs, w13, w2, pairs).view(num_tokens, top_k, -1)
         return _weighted_sum(y, topk_weights)
 
     @staticmethod
     def _dense(
-        x: torch.Tensor,
-        topk_ids: torch.Tensor,
-        topk_weights: torch.Tensor,
-        w13: torch.Tensor,
-        w2: torch.Tensor,
+        x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: _Experts
     ) -> torch.Tensor:
-        num_experts = w13.shape[0]
+        num_experts = experts.w13.shape[0]
         # [T, E] routing weights, zero for the experts a token did not pick.
         routing = topk_weights.new_zeros(x.shape[0], num_experts)
         routing.scatter_(1, topk_ids, topk_weights)
-        h = silu_and_mul(torch.bmm(x.expand(num_experts, -1, -1), w13.transpose(1, 2)))
-        y = torch.bmm(h, w2.transpose(1, 2)) * routing.t()[:, :, None]  # [E, T, H]
-        return y.sum(0).to(x.dtype)
+        y = experts.batched(x.expand(num_experts, -1, -1), experts.w13, experts.w2, None)
+        return (y * routing.t()[:, :, None]).sum(0).to(x.dtype)  # y: [E, T, H]
+
+
+class _Experts:
+    """One layer's expert weights and activation, applied to groups of rows."""
+
+    def __init__(
+        self,
+        w13: torch.Tensor,
+        w2: torch.Tensor,
+        b13: torch.Tensor | None,
+        b2: torch.Tensor | None,
+        activation: Activation,
+    ) -> None:
+        self.w13, self.w2, self.b13, self.b2 = w13, w2, b13, b2
+        self.activation = activation
+
+    def batched(
+        self, xs: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, bias_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """xs [G, R, H] through expert weights w13 [G, 2I, H] / w2 [G, H, I]; group g's
+        biases are row bias_ids[g] of b13 / b2 (None: row g)."""
+        h = torch.bmm(xs, w13.transpose(1, 2))
+        if self.b13 is not None:
+            b13 = self.b13 if bias_ids is None else self.b13.index_select(0, bias_ids)
+            h = h + b13[:, None, :]
+        y = torch.bmm(self.activation(h), w2.transpose(1, 2))
+        if self.b2 is not None:
+            b2 = self.b2 if bias_ids is None else self.b2.index_select(0, bias_ids)
+            y = y + b2[:, None, :]
+        return y
+
+    def one(self, xs: torch.Tensor, expert: int) -> torch.Tensor:
+        """Rows xs [R, H] through expert `expert`."""
+        b13 = None if self.b13 is None else self.b13[expert]
+        b2 = None if self.b2 is None else self.b2[expert]
+        return F.linear(self.activation(F.linear(xs, self.w13[expert], b13)), self.w2[expert], b2)
 
 
 def _weighted_sum(y: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
@@ -190,16 +251,35 @@ DEFAULT_EXPERTS_BACKEND: ExpertsBackend = TorchExpertsBackend()
 
 
 class FusedExperts(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        bias: bool = False,
+        activation: Activation = silu_and_mul,
+    ) -> None:
         super().__init__()
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.b13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size)) if bias else None
+        self.b2 = nn.Parameter(torch.empty(num_experts, hidden_size)) if bias else None
+        self.activation = activation
         self.backend: ExpertsBackend = DEFAULT_EXPERTS_BACKEND
 
     def forward(
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
-        return self.backend.forward(x, topk_ids, topk_weights, self.w13, self.w2)
+        return self.backend.forward(
+            x,
+            topk_ids,
+            topk_weights,
+            self.w13,
+            self.w2,
+            b13=self.b13,
+            b2=self.b2,
+            activation=self.activation,
+        )
 
 
 class GroupedTopkRouter(nn.Module):
@@ -257,9 +337,10 @@ class GroupedTopkRouter(nn.Module):
 class SparseMoE(nn.Module):
     """Router (`gate`) + routed experts (+ optional shared expert).
 
-    The router is a bias-free linear [E, H] followed by softmax top-k, or, with
-    `router="sigmoid_grouped"`, a GroupedTopkRouter. `fp32_weights` keeps the routing weights
-    in fp32 up to their product with each expert's output (see DecoderConfig)."""
+    The router is a linear [E, H] (with a bias when `router_bias`) followed by the top-k rule
+    `router` names (module docstring), or, with `router="sigmoid_grouped"`, a
+    GroupedTopkRouter. `fp32_weights` keeps the routing weights in fp32 up to their product
+    with each expert's output (see DecoderConfig)."""
 
     def __init__(
         self,
@@ -274,14 +355,18 @@ class SparseMoE(nn.Module):
         routed_scaling_factor: float = 1.0,
         shared_intermediate_size: int = 0,
         fp32_weights: bool = False,
+        router_bias: bool = False,
+        expert_bias: bool = False,
+        activation: Activation = silu_and_mul,
     ) -> None:
         super().__init__()
         self.top_k = top_k
         self.renormalize = renormalize
         self.fp32_weights = fp32_weights
+        self.router = router
         self.gate: nn.Module
-        if router == "softmax":
-            self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        if router in ("softmax", "topk_softmax", "sigmoid_topk_input"):
+            self.gate = nn.Linear(hidden_size, num_experts, bias=router_bias)
         elif router == "sigmoid_grouped":
             self.gate = GroupedTopkRouter(
                 hidden_size,
@@ -294,8 +379,13 @@ class SparseMoE(nn.Module):
                 fp32_weights,
             )
         else:
-            raise ValueError(f"router must be 'softmax' or 'sigmoid_grouped', got {router!r}")
-        self.experts = FusedExperts(num_experts, hidden_size, intermediate_size)
+            raise ValueError(
+                "router must be 'softmax', 'topk_softmax', 'sigmoid_grouped' or "
+                f"'sigmoid_topk_input', got {router!r}"
+            )
+        self.experts = FusedExperts(
+            num_experts, hidden_size, intermediate_size, expert_bias, activation
+        )
         # Always-on shared expert (DeepSeek, GLM, Llama 4), added to the routed sum.
         self.shared_experts: nn.Module | None = (
             SwiGLUMLP(hidden_size, shared_intermediate_size) if shared_intermediate_size else None
@@ -304,6 +394,11 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.gate, GroupedTopkRouter):
             weights, ids = self.gate(x)
+        elif self.router == "topk_softmax":
+            weights, ids = topk_softmax(self.gate(x), self.top_k)
+        elif self.router == "sigmoid_topk_input":
+            out = self._input_weighted(x)
+            return out if self.shared_experts is None else out + self.shared_experts(x)
         else:
             weights, ids = softmax_topk(
                 self.gate(x), self.top_k, self.renormalize, self.fp32_weights
@@ -311,6 +406,16 @@ class SparseMoE(nn.Module):
         out = self.experts(x, ids, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
+        return out
+
+    def _input_weighted(self, x: torch.Tensor) -> torch.Tensor:
+        """Llama 4: expert e sees x * w_e (rounded to x's dtype) and its output is added
+        unscaled. Each top-k slot is one pass of the experts with unit weights."""
+        weights, ids = sigmoid_topk(self.gate(x), self.top_k)
+        ones = weights.new_ones(x.shape[0], 1)
+        out = self.experts(x * weights[:, :1], ids[:, :1], ones)
+        for slot in range(1, self.top_k):
+            out = out + self.experts(x * weights[:, slot : slot + 1], ids[:, slot : slot + 1], ones)
         return out
 
 

@@ -18,12 +18,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, fp32_scale: bool = False) -> None:
+        """`fp32_scale`: keep the weight in fp32 and scale the fp32 normalised value by it,
+        rounding once (GPT-OSS's norms, which transformers keeps in fp32)."""
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fp32_scale = fp32_scale
+        if fp32_scale:
+            self.fp32_parameters = ("weight",)  # read by the loader
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fp32_scale and x.dtype != torch.float32:
+            normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+            return (self.weight.float() * normed).to(x.dtype)
         return rms_norm(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:

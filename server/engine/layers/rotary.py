@@ -144,6 +144,13 @@ class RotaryEmbedding(nn.Module):
         return cos[:, None, :], sin[:, None, :]
 
 
+def interleaved_to_half_split(x: torch.Tensor) -> torch.Tensor:
+    """Evens then odds of the last dim. Rotary pairs that are adjacent elements (Meta's and
+    DeepSeek's layout) become the half-split pairs `apply_rotary` rotates; given the same
+    permutation, queries and keys keep every dot product of the interleaved rotation."""
+    return torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [T, heads, head_dim] (first rotary_dim dims; the rest pass through)."""
     rot = cos.shape[-1]

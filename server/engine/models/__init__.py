@@ -8,7 +8,9 @@ from bisllm_server.engine.models.config import DecoderConfig, UnsupportedModelEr
 from bisllm_server.engine.models.decoder import DecoderForCausalLM
 from bisllm_server.engine.models.deepseek_v3 import DeepseekV3ForCausalLM
 from bisllm_server.engine.models.glm4_moe import Glm4MoeForCausalLM
+from bisllm_server.engine.models.gpt_oss import GptOssForCausalLM
 from bisllm_server.engine.models.llama import LlamaForCausalLM
+from bisllm_server.engine.models.llama4 import Llama4ForCausalLM
 from bisllm_server.engine.models.mixtral import MixtralForCausalLM
 from bisllm_server.engine.models.qwen3_moe import Qwen3MoeForCausalLM
 from bisllm_server.engine.models.weights import CheckpointMismatchError
@@ -19,6 +21,10 @@ ARCHITECTURES: dict[str, type[DecoderForCausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "Glm4MoeForCausalLM": Glm4MoeForCausalLM,
     "DeepseekV3ForCausalLM": DeepseekV3ForCausalLM,
+    "GptOssForCausalLM": GptOssForCausalLM,
+    "Llama4ForCausalLM": Llama4ForCausalLM,
+    # The released Llama 4 repos are multimodal; the engine serves their text model.
+    "Llama4ForConditionalGeneration": Llama4ForCausalLM,
 }
 MODEL_TYPES: dict[str, type[DecoderForCausalLM]] = {
     "qwen3_moe": Qwen3MoeForCausalLM,
@@ -27,6 +33,9 @@ MODEL_TYPES: dict[str, type[DecoderForCausalLM]] = {
     "glm4_moe": Glm4MoeForCausalLM,
     "deepseek_v3": DeepseekV3ForCausalLM,
     "kimi_k2": DeepseekV3ForCausalLM,  # Kimi-K2's hub config: DeepSeek-V3's architecture
+    "gpt_oss": GptOssForCausalLM,
+    "llama4_text": Llama4ForCausalLM,
+    "llama4": Llama4ForCausalLM,
 }
 
 
@@ -54,6 +63,8 @@ __all__ = [
     "DecoderConfig",
     "DecoderForCausalLM",
     "DeepseekV3ForCausalLM",
+    "GptOssForCausalLM",
+    "Llama4ForCausalLM",
     "LlamaForCausalLM",
     "MixtralForCausalLM",
     "Qwen3MoeForCausalLM",

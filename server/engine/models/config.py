@@ -7,6 +7,7 @@ needs transformers' config classes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +35,25 @@ class DecoderConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    # Weightless RMS normalisation of q and k after RoPE, on RoPE layers only (Llama 4).
+    qk_l2_norm: bool = False
+    # RMSNorm scales the fp32 normalised value by an fp32 weight and rounds once (GPT-OSS,
+    # whose norms transformers keeps in fp32); otherwise the weight scales the rounded value.
+    norm_fp32_scale: bool = False
+    # Per-layer attention kind: "full_attention", "sliding_attention" (each query sees itself
+    # and the `sliding_window` - 1 tokens before it) or "chunked_attention" (keys in the
+    # query's own block of `attention_chunk_size` positions). Empty: every layer is full.
+    layer_types: tuple[str, ...] = ()
+    sliding_window: int | None = None
+    attention_chunk_size: int | None = None
+    # One learned logit per head added to every softmax denominator (GPT-OSS).
+    attention_sinks: bool = False
+    nope_layers: frozenset[int] = field(default_factory=frozenset)  # layers without RoPE
+    # Llama 4 NoPE layers: queries at position p scaled by
+    # 1 + attn_scale * ln(1 + floor((p + 1) / floor_scale)).
+    attn_temperature_tuning: bool = False
+    attn_scale: float = 0.1
+    floor_scale: float = 8192.0
     # Mixture of experts; empty `moe_layers` means a dense model.
     moe_layers: frozenset[int] = field(default_factory=frozenset)
     num_experts: int = 0
@@ -43,8 +63,17 @@ class DecoderConfig:
     # "softmax": softmax over experts, then top-k (Qwen3-MoE, Mixtral). "sigmoid_grouped":
     # DeepSeek-V3 / GLM-4.5 scoring: sigmoid scores, a per-expert correction bias used for the
     # choice only, top-k within the `topk_group` best of `n_group` expert groups, weights
-    # scaled by `routed_scaling_factor`.
+    # scaled by `routed_scaling_factor`. "topk_softmax": softmax over the top-k logits
+    # (GPT-OSS). "sigmoid_topk_input": sigmoid of the top-k logits, scaling the expert's
+    # input (Llama 4). See layers/moe.py.
     router: str = "softmax"
+    router_bias: bool = False
+    expert_bias: bool = False
+    # Experts' activation: "silu" (silu(gate) * up) or "clamped_swiglu" (GPT-OSS, with
+    # `swiglu_alpha` and `swiglu_limit`).
+    expert_activation: str = "silu"
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     # Whether the top-k routing weights stay fp32 when they scale the experts' outputs, as in
     # transformers' Mixtral, GLM-4.5 and DeepSeek-V3 (each product is rounded to the model
     # dtype once); Qwen3-MoE rounds the weights to the model dtype first. In bf16 the two
@@ -70,6 +99,9 @@ class DecoderConfig:
     rope_interleave: bool = False  # rotary pairs are adjacent elements (DeepSeek's layout)
     attn_scale_factor: float = 1.0  # times head_dim ** -0.5 (yarn's mscale² for DeepSeek)
 
+    def layer_type(self, layer_id: int) -> str:
+        return self.layer_types[layer_id] if self.layer_types else "full_attention"
+
     @property
     def rope_head_dim(self) -> int:
         """The width the rotary table covers before `partial_rotary_factor`."""
@@ -82,6 +114,19 @@ class DecoderConfig:
         if self.attention == "mla":
             return 1, self.kv_lora_rank + self.qk_rope_head_dim, self.kv_lora_rank, True
         return self.num_kv_heads, self.head_dim, self.head_dim, False
+
+
+def checked_layer_types(
+    layer_types: Iterable[str], num_layers: int, allowed: tuple[str, ...]
+) -> tuple[str, ...]:
+    """`layer_types` as a tuple, if it names one of `allowed` for each of the layers."""
+    types = tuple(layer_types)
+    if len(types) != num_layers or not set(types) <= set(allowed):
+        raise UnsupportedModelError(
+            f"layer_types must list {num_layers} entries of {' / '.join(allowed)}, "
+            f"got {list(types)}"
+        )
+    return types
 
 
 def require(hf: dict[str, Any], key: str) -> Any:

@@ -3,12 +3,13 @@
 Pre-norm layers: x += attn(norm(x)); x += mlp(norm(x)), where mlp is a dense SwiGLU or a sparse
 MoE block per layer. q/k/v and gate/up are fused into single matmuls; `load_weights` fills
 their slices from the per-projection checkpoint tensors. Families subclass `DecoderForCausalLM`
-to parse their config and rename checkpoint tensors, nothing else.
+to parse their config and rename (or re-lay) checkpoint tensors, nothing else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -17,10 +18,14 @@ from torch import nn
 
 from bisllm_server.engine.attention import AttentionBackend
 from bisllm_server.engine.forward_batch import ForwardBatch
-from bisllm_server.engine.layers.mlp import SwiGLUMLP
+from bisllm_server.engine.layers.mlp import SwiGLUMLP, clamped_swiglu, silu_and_mul
 from bisllm_server.engine.layers.moe import SparseMoE
 from bisllm_server.engine.layers.norm import RMSNorm, rms_norm
-from bisllm_server.engine.layers.rotary import RotaryEmbedding, apply_rotary
+from bisllm_server.engine.layers.rotary import (
+    RotaryEmbedding,
+    apply_rotary,
+    interleaved_to_half_split,
+)
 from bisllm_server.engine.models.config import DecoderConfig
 from bisllm_server.engine.models.mla import MlaAttention
 from bisllm_server.engine.models.weights import WeightMapper, load_checkpoint_weights
@@ -43,9 +48,23 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self._qk_norm_weight: torch.Tensor | None = None  # built at first use, after loading
+        self.use_rope = layer_id not in cfg.nope_layers
+        self.rope_interleave = cfg.rope_interleave
+        self.qk_l2_norm_eps = cfg.rms_norm_eps if cfg.qk_l2_norm and self.use_rope else None
+        self.temperature_tuning = cfg.attn_temperature_tuning and not self.use_rope
+        self.attn_scale, self.floor_scale = cfg.attn_scale, cfg.floor_scale
+        layer_type = cfg.layer_type(layer_id)
+        self.sliding_window = cfg.sliding_window if layer_type == "sliding_attention" else None
+        self.chunk_size = cfg.attention_chunk_size if layer_type == "chunked_attention" else None
+        self.sinks = nn.Parameter(torch.empty(cfg.num_heads)) if cfg.attention_sinks else None
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn: AttentionBackend,
     ) -> torch.Tensor:
         n = x.shape[0]
         qkv = self.qkv_proj(x)
@@ -61,10 +80,27 @@ class Attention(nn.Module):
                     )
                 )
             qk = rms_norm(qk, self._qk_norm_weight, self.q_norm.eps)
-        # q and k share the rotation, so they are rotated as one tensor.
-        q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        if self.use_rope:
+            if self.rope_interleave:
+                qk = interleaved_to_half_split(qk)  # v keeps its layout
+            # q and k share the rotation, so they are rotated as one tensor.
+            qk = apply_rotary(qk, cos, sin)
+        if self.qk_l2_norm_eps is not None:
+            qk = F.rms_norm(qk.float(), (self.head_dim,), eps=self.qk_l2_norm_eps).to(qk.dtype)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        if self.temperature_tuning:
+            # Exactly 1 below position floor_scale - 1: only long contexts are sharpened.
+            scales = torch.log1p(torch.floor((positions.float() + 1.0) / self.floor_scale))
+            q = (q * (scales * self.attn_scale + 1.0)[:, None, None]).to(q.dtype)
         out = attn.forward(
-            self.layer_id, q, k, v.view(n, self.num_kv_heads, self.head_dim), self.scale
+            self.layer_id,
+            q,
+            k,
+            v.view(n, self.num_kv_heads, self.head_dim),
+            self.scale,
+            sliding_window=self.sliding_window,
+            chunk_size=self.chunk_size,
+            sinks=self.sinks,
         )
         return self.o_proj(out.reshape(n, self.q_size))
 
@@ -78,6 +114,11 @@ class DecoderLayer(nn.Module):
         )
         self.mlp: nn.Module
         if layer_id in cfg.moe_layers if moe is None else moe:
+            activation = (
+                functools.partial(clamped_swiglu, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
+                if cfg.expert_activation == "clamped_swiglu"
+                else silu_and_mul
+            )
             self.mlp = SparseMoE(
                 cfg.hidden_size,
                 cfg.moe_intermediate_size,
@@ -90,16 +131,25 @@ class DecoderLayer(nn.Module):
                 routed_scaling_factor=cfg.routed_scaling_factor,
                 shared_intermediate_size=cfg.shared_expert_intermediate_size,
                 fp32_weights=cfg.fp32_routing_weights,
+                router_bias=cfg.router_bias,
+                expert_bias=cfg.expert_bias,
+                activation=activation,
             )
         else:
             self.mlp = SwiGLUMLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        eps, fp32_scale = cfg.rms_norm_eps, cfg.norm_fp32_scale
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, fp32_scale)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, fp32_scale)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn: AttentionBackend,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+        x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, attn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -126,7 +176,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_fp32_scale)
         self.rotary_emb = RotaryEmbedding(cfg.rope_head_dim, cfg.rope, cfg.max_position_embeddings)
 
     def forward(
@@ -136,7 +186,7 @@ class DecoderModel(nn.Module):
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions, x.dtype)  # once per step, shared by all layers
         for layer in self.layers:
-            x = layer(x, cos, sin, attn)
+            x = layer(x, positions, cos, sin, attn)
         return x
 
 
@@ -180,9 +230,17 @@ class DecoderForCausalLM(nn.Module):
         head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, head).float()
 
+    def convert_checkpoint_tensors(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The checkpoint's tensors as `load_weights` expects them; families whose hub layout
+        differs (transposed or interleaved fused experts, wrapper prefixes) override this."""
+        yield from weights
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF checkpoint tensors into the parameters (see `weights.py` for the name
         mapping); raises CheckpointMismatchError naming unknown, misshapen or missing tensors."""
+        weights = self.convert_checkpoint_tensors(weights)
         cfg = self.config
         mapper = WeightMapper(self, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
         # A tied head has no parameter of its own; a checkpoint may still carry a copy.

@@ -21,7 +21,7 @@ from torch import nn
 
 from bisllm_server.engine.attention import AttentionBackend
 from bisllm_server.engine.layers.norm import RMSNorm
-from bisllm_server.engine.layers.rotary import apply_rotary
+from bisllm_server.engine.layers.rotary import apply_rotary, interleaved_to_half_split
 from bisllm_server.engine.models.config import DecoderConfig
 
 # transformers builds q_a_layernorm and kv_a_layernorm with RMSNorm's default eps, not the
@@ -65,14 +65,16 @@ class MlaAttention(nn.Module):
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.rope_interleave:
-            # Pairs (x0, x1), (x2, x3), ... share a frequency: move evens then odds into the
-            # half-split layout; queries and keys get the same permutation, so the dot
-            # products are those of the interleaved rotation (transformers does the same).
-            x = torch.cat((x[..., 0::2], x[..., 1::2]), dim=-1)
+            x = interleaved_to_half_split(x)  # as transformers does
         return apply_rotary(x, cos, sin)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn: AttentionBackend,
     ) -> torch.Tensor:
         n = x.shape[0]
         if self.q_proj is not None:
