@@ -20,12 +20,11 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# Generate with the embedded default model, then validate → migrate → package → check the truss
-# dir with the real truss library.
+# Serve the embedded default model (`bisllm serve`) and query it with the OpenAI SDK, then
+# validate → migrate → package → check the truss dir with the real truss library.
 demo: install
 	$(BIN)/bisllm validate $(TINY_MOE)/config.yaml
-	$(BIN)/bisllm generate $(TINY_MOE)/checkpoint --prompt 'def is_palindrome(text):' --max-tokens 48
-	$(BIN)/bisllm generate $(TINY_MOE)/checkpoint --chat 'What does `json.dumps` do?' --max-tokens 64
+	$(BIN)/python examples/serve_demo.py
 	$(BIN)/bisllm validate $(DEMO_CONFIG)
 	$(BIN)/bisllm migrate examples/v1-llama-3.3-70b-engine-builder.yaml --dry-run
 	mkdir -p out

@@ -10,6 +10,7 @@ import click
 
 from bisllm_truss import __version__
 from bisllm_truss.cli_generate import generate
+from bisllm_truss.cli_serve import serve
 from bisllm_truss.migrate import MigrationError, migrate_text
 from bisllm_truss.package import OutputDirError, PackageOptions, render_package, write_tree
 from bisllm_truss.package.render import TARGETS, PackageError
@@ -241,3 +242,4 @@ def push_command(
 
 
 main.add_command(generate)
+main.add_command(serve)

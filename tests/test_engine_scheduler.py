@@ -354,3 +354,24 @@ def test_a_request_whose_constraints_allow_no_token_ends_alone():
                 finished[out.request_id] = (out.finish_reason, out.num_output_tokens)
     assert finished == {"dead": ("abort", 0), "fine": ("length", 4)}
     assert_pages_accounted(engine)
+
+
+def test_a_failing_logits_processor_ends_only_its_request():
+    """A processor that raises (a grammar rejecting the history, a bug) must not take the
+    engine down: its request ends, the others go on."""
+
+    def broken(output_ids, logits):
+        if len(output_ids) == 2:
+            raise RuntimeError("grammar rejected token")
+        return logits
+
+    engine = make_engine()
+    engine.add_request([1, 2, 3], greedy(6, logits_processors=[broken]), request_id="broken")
+    engine.add_request([1, 2, 3], greedy(6, ignore_eos=True), request_id="fine")
+    finished = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = (out.finish_reason, out.num_output_tokens)
+    assert finished == {"broken": ("abort", 2), "fine": ("length", 6)}
+    assert_pages_accounted(engine)

@@ -12,7 +12,7 @@ import itertools
 import threading
 from collections.abc import AsyncIterator, Sequence
 
-from bisllm_server.engine.engine import LLMEngine
+from bisllm_server.engine.engine import LLMEngine, RequestError
 from bisllm_server.engine.request import RequestOutput
 from bisllm_server.engine.sampling import SamplingParams
 
@@ -48,6 +48,36 @@ class AsyncEngine:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def open(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        detokenize: bool = True,
+    ) -> RequestStream:
+        """Queue a request now and return its stream of deltas (the last has `finished`).
+
+        Must run on the event loop that will consume the stream. A bad request raises here
+        (RequestError, SamplingParamsError), before anything is streamed, so a server can still
+        answer with an HTTP error."""
+        if self.error is not None:
+            raise EngineDeadError(f"engine stopped after an error: {self.error!r}")
+        rid = request_id if request_id is not None else f"async-{next(self._ids)}"
+        queue: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            if rid in self._streams:
+                raise RequestError(f"request_id {rid!r} is already in use")
+            self._streams[rid] = (asyncio.get_running_loop(), queue)
+        try:
+            self.engine.add_request(prompt, params, request_id=rid, detokenize=detokenize)
+        except BaseException:
+            with self._lock:
+                self._streams.pop(rid, None)
+            raise
+        self._wakeup.set()
+        return RequestStream(self, rid, queue)
+
     async def generate(
         self,
         prompt: str | Sequence[int],
@@ -57,28 +87,19 @@ class AsyncEngine:
         detokenize: bool = True,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's deltas; the last one has `finished` set."""
-        if self.error is not None:
-            raise EngineDeadError(f"engine stopped after an error: {self.error!r}")
-        rid = request_id if request_id is not None else f"async-{next(self._ids)}"
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            self._streams[rid] = (asyncio.get_running_loop(), queue)
-        finished = False
+        stream = self.open(prompt, params, request_id=request_id, detokenize=detokenize)
         try:
-            self.engine.add_request(prompt, params, request_id=rid, detokenize=detokenize)
-            self._wakeup.set()
-            while not finished:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
+            async for item in stream:
                 yield item
         finally:
-            with self._lock:
-                self._streams.pop(rid, None)
-            if not finished:
-                self.engine.abort(rid)
-                self._wakeup.set()
+            stream.close()
+
+    def _release(self, request_id: str, finished: bool) -> None:
+        with self._lock:
+            self._streams.pop(request_id, None)
+        if not finished:
+            self.engine.abort(request_id)
+            self._wakeup.set()
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         with self._lock:
@@ -105,3 +126,40 @@ class AsyncEngine:
                 return
             for out in outputs:
                 self._deliver(out.request_id, out)
+
+
+class RequestStream:
+    """One request's outputs as an async iterator. Closing it (or dropping out of `async for`
+    through an exception or cancellation) before the last output aborts the request, so its
+    KV is freed at the engine's next step."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue) -> None:
+        self.engine = engine
+        self.request_id = request_id
+        self._queue = queue
+        self._finished = False
+        self._closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished or self._closed:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:  # cancelled: the consumer is gone
+            self.close()
+            raise
+        if isinstance(item, BaseException):
+            self.close()
+            raise item
+        if item.finished:
+            self._finished = True
+            self.close()
+        return item
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.engine._release(self.request_id, self._finished)

@@ -340,7 +340,9 @@ class LLMEngine:
         generator = params.make_generator(self.device)
         req = Request(rid, prompt_ids, params, next(self._arrivals), generator=generator)
         if detokenize and self.tokenizer is not None:
-            req.detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+            req.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, prompt_ids, params.skip_special_tokens
+            )
         return req
 
     def _drain_inbox(self) -> list[RequestOutput]:

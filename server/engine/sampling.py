@@ -7,11 +7,14 @@ Reported logprobs come from the raw model logits (vLLM's default "raw logprobs")
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+
+log = logging.getLogger("bisllm.engine")
 
 # (output token ids so far, this row's logits [V]) -> new logits [V]; grammar masks plug in here.
 LogitsProcessor = Callable[[Sequence[int], torch.Tensor], torch.Tensor]
@@ -64,6 +67,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: chosen token only; n: chosen + top-n
+    skip_special_tokens: bool = True  # in the detokenized text
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -132,6 +136,7 @@ class SamplingParams:
                 "a list of integers >= 0",
             ),
             (isinstance(self.ignore_eos, bool), "ignore_eos", "a boolean"),
+            (isinstance(self.skip_special_tokens, bool), "skip_special_tokens", "a boolean"),
             (
                 all(callable(p) for p in self.logits_processors),
                 "logits_processors",
@@ -401,7 +406,15 @@ class Sampler:
         self._apply_banned(x, rows)
         for i, row in enumerate(rows):
             for proc in row.params.logits_processors:
-                x[i] = proc(row.output_ids, x[i])
+                try:
+                    x[i] = proc(row.output_ids, x[i])
+                except Exception:
+                    # A processor that fails (e.g. a grammar rejecting the history) ends only
+                    # its own request, reported below like a row with no allowed token; the
+                    # batch and the engine go on.
+                    log.exception("logits processor failed; ending that request")
+                    x[i] = -math.inf
+                    break
         if any(r.banned_token_ids or r.params.logits_processors for r in rows):
             # Nothing left to sample (e.g. a grammar in a dead state) is a caller bug; failing
             # loudly beats emitting an arbitrary token.

@@ -1,0 +1,101 @@
+"""`make demo`'s main job: start `bisllm serve` on the embedded default model, talk to it with
+the official OpenAI SDK (a chat answer, a tool call, a streamed completion), then stop it.
+
+Run from the repository root: `.venv/bin/python examples/serve_demo.py [--port 8000]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+GCD_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "gcd",
+        "description": "Greatest common divisor of two integers.",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"],
+        },
+    },
+}
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"bisllm serve exited with status {process.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    sys.exit("bisllm serve did not become healthy in time")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+    bisllm = Path(sys.executable).parent / "bisllm"
+    command = [str(bisllm), "serve", "--port", str(args.port), "--log-level", "warning"]
+    print("$", " ".join(["bisllm", *command[1:]]), flush=True)
+    server = subprocess.Popen(command)
+    url = f"http://127.0.0.1:{args.port}"
+    try:
+        wait_healthy(url, server)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="not-required")
+
+        print("\n# chat", flush=True)
+        answer = client.chat.completions.create(
+            model="not-required",
+            messages=[{"role": "user", "content": "What does `json.dumps` do?"}],
+            temperature=0,
+            max_tokens=64,
+        )
+        print(answer.choices[0].message.content)
+        print("usage:", answer.usage.model_dump(exclude_none=True))
+
+        print("\n# tool call", flush=True)
+        call = client.chat.completions.create(
+            model="not-required",
+            messages=[
+                {"role": "user", "content": "What is the greatest common divisor of 84 and 36?"}
+            ],
+            tools=[GCD_TOOL],
+            temperature=0,
+            max_tokens=48,
+        )
+        for tool_call in call.choices[0].message.tool_calls or []:
+            print(tool_call.function.name, json.loads(tool_call.function.arguments))
+        print("finish_reason:", call.choices[0].finish_reason)
+
+        print("\n# streamed completion", flush=True)
+        prompt = (
+            'def is_palindrome(text):\n    """Return True if text reads the same backwards."""\n'
+        )
+        print(prompt, end="")
+        for chunk in client.completions.create(
+            model="not-required", prompt=prompt, temperature=0, max_tokens=48, stream=True
+        ):
+            print(chunk.choices[0].text, end="", flush=True)
+        print()
+    finally:
+        server.send_signal(signal.SIGINT)
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()

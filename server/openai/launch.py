@@ -1,0 +1,90 @@
+"""Deployment spec -> engine -> server: what `bisllm serve` runs.
+
+Data flows one way: the validated config's DeploymentSpec gives the engine's sizes, the model
+directory and the served model name; nothing here reads the YAML itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bisllm_server.engine.async_engine import AsyncEngine
+from bisllm_server.engine.config import EngineConfig
+from bisllm_server.engine.engine import LLMEngine
+from bisllm_server.openai.app import create_app
+from bisllm_server.openai.metrics import ServerMetrics
+from bisllm_server.openai.serving import OpenAIServing, ServerSettings
+
+
+class ModelDirectoryError(FileNotFoundError):
+    """The spec's checkpoint is not on this machine (not hydrated, or a wrong path)."""
+
+
+@dataclass
+class ServeOptions:
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: str = "auto"
+    api_key: str | None = None
+    max_queued_requests: int = 1024
+    strict_model_name: bool = False
+    kv_cache_bytes: int | None = None
+
+
+def resolve_model_dir(spec: Any, roots: list[Path]) -> Path:
+    """Where the checkpoint is: the spec's `model_path` (the hydrated mount in a container),
+    else, for a LOCAL checkpoint, its directory as given or under one of `roots` (e.g. the
+    working directory, the config's directory, the repository)."""
+    candidates = [Path(spec.checkpoint.model_path)]
+    source = spec.checkpoint.source_uri or ""
+    if source.startswith("file://"):
+        local = Path(source.removeprefix("file://"))
+        candidates.append(local)
+        if not local.is_absolute():
+            candidates += [root / local for root in roots]
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate
+    tried = ", ".join(str(c) for c in candidates)
+    raise ModelDirectoryError(
+        f"no checkpoint (config.json) found for {spec.served_model_name}; looked in {tried}. "
+        "Hydrate the weights first (bisllm hydrate) or point llm_config.model_path at them."
+    )
+
+
+def _device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_server(spec: Any, model_dir: Path, options: ServeOptions) -> tuple[Any, AsyncEngine]:
+    """(FastAPI app, started AsyncEngine) for a deployment spec."""
+    engine_spec = spec.engine
+    config = EngineConfig(
+        model=model_dir,
+        dtype=options.dtype,
+        device=_device(options.device),
+        max_batch_size=engine_spec.max_batch_size,
+        max_num_tokens=engine_spec.max_num_tokens,
+        max_seq_len=engine_spec.max_seq_len,
+        enable_chunked_prefill=engine_spec.enable_chunked_prefill,
+    )
+    if options.kv_cache_bytes is not None:
+        config.kv_cache_bytes = options.kv_cache_bytes
+    engine = AsyncEngine(LLMEngine(config))
+    engine.start()
+    settings = ServerSettings(
+        served_model_name=spec.served_model_name,
+        api_key=options.api_key or os.environ.get("BISLLM_API_KEY") or None,
+        max_queued_requests=options.max_queued_requests,
+        strict_model_name=options.strict_model_name,
+    )
+    metrics = ServerMetrics(spec.served_model_name)
+    serving = OpenAIServing(engine, settings, metrics)
+    metrics.set_status("active")
+    return create_app(serving), engine
