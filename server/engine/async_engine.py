@@ -124,8 +124,24 @@ class AsyncEngine:
                 for rid in ids:
                     self._deliver(rid, dead)
                 return
+            self._deliver_step(outputs)
+
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """Hand a step's outputs over with one wake-up per event loop, not one per request: at
+        a batch of 32 that is 32x fewer cross-thread calls (each one a self-pipe write)."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        with self._lock:
             for out in outputs:
-                self._deliver(out.request_id, out)
+                target = self._streams.get(out.request_id)
+                if target is not None:
+                    batches.setdefault(target[0], []).append((target[1], out))
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 class RequestStream:

@@ -37,8 +37,12 @@ from bisllm_server.openai.protocol import (
 )
 from bisllm_server.openai.reasoning import ReasoningParser, reasoning_parser_for
 from bisllm_server.openai.sampling import LogitBias, build_params, resolve_max_tokens
-from bisllm_server.openai.structured import GrammarCompiler, StructuredOutputError
-from bisllm_server.openai.tool_parsers import ToolParser, tool_parser_for
+from bisllm_server.openai.structured import (
+    GrammarCompiler,
+    StructuredOutputError,
+    ToolCallStyle,
+)
+from bisllm_server.openai.tool_parsers import ForcedJsonToolParser, ToolParser, tool_parser_for
 
 log = logging.getLogger("bisllm.server")
 
@@ -213,6 +217,12 @@ class OpenAIServing:
 
     async def _merged(self, choices: list[_Choice]) -> AsyncIterator[tuple[_Choice, RequestOutput]]:
         """Every choice's outputs, interleaved as they arrive."""
+        if len(choices) == 1:  # the common case: no pump task, no second queue
+            choice = choices[0]
+            async for out in choice.stream:
+                choice.add(out)
+                yield choice, out
+            return
         queue: asyncio.Queue[tuple[_Choice, RequestOutput | BaseException]] = asyncio.Queue()
 
         async def pump(choice: _Choice) -> None:
@@ -269,21 +279,13 @@ class OpenAIServing:
         try:
             if forced_tools:
                 tools = [t.function.model_dump(exclude_none=True) for t in request.tools or []]
-                parser_name = self.tool_parser_cls.name if self.tool_parser_cls else None
-                style = "hermes" if parser_name == "hermes" else "json"
-                if style == "json" and self.tool_parser_cls is not None:
-                    raise bad_request(
-                        f"tool_choice {request.choice_name()!r} is not supported for "
-                        f"{self.model_type} models yet; use 'auto'",
-                        param="tool_choice",
-                    )
                 compiled = await self.grammar.atool_calls(
                     tools,
                     required_name=choice.function.name
                     if isinstance(choice, NamedToolChoice)
                     else None,
                     parallel=request.parallel_tool_calls,
-                    style=style,
+                    style=self._forced_tool_style(),
                 )
             elif fmt is not None and fmt.type == "json_object":
                 compiled = await self.grammar.ajson_object()
@@ -295,6 +297,22 @@ class OpenAIServing:
             param = "tools" if forced_tools else "response_format"
             raise bad_request(str(exc), param=param) from None
         return self.grammar.new_processor(compiled)
+
+    def _forced_tool_style(self) -> ToolCallStyle:
+        """Forced calls use the family's native format where a grammar of it exists (Hermes /
+        Qwen); other families get a JSON array of calls, read by ForcedJsonToolParser."""
+        hermes = self.tool_parser_cls is not None and self.tool_parser_cls.name == "hermes"
+        return "hermes" if hermes else "json"
+
+    def _output_parser(self, request: ChatCompletionRequest, tools: Any) -> Any:
+        """The tool-call parser for this request's output, or None for plain text."""
+        choice = request.effective_tool_choice
+        forced = choice == "required" or isinstance(choice, NamedToolChoice)
+        if forced and self._forced_tool_style() == "json":
+            return ForcedJsonToolParser
+        if tools or self._always_parse():
+            return self.tool_parser_cls
+        return None
 
     async def chat(self, request: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
         self.check_model(request.model)
@@ -312,7 +330,7 @@ class OpenAIServing:
         requested = request.max_completion_tokens or request.max_tokens
         max_tokens = resolve_max_tokens(requested, len(prompt_ids), self.max_seq_len, "messages")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None
-        parse_tools = bool(tools) or self._always_parse()
+        tool_parser = self._output_parser(request, tools)
         # Whether the output starts inside a think block depends on this request's prompt.
         reasoning = self.reasoning_parser.for_prompt(prompt_text) if self.reasoning_parser else None
         runs = []
@@ -336,7 +354,7 @@ class OpenAIServing:
         meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name)
         if request.stream:
             return self._chat_stream(
-                request, prompt_ids, choices, timing, meta, parse_tools, reasoning
+                request, prompt_ids, choices, timing, meta, tool_parser, reasoning
             )
         try:
             await self._collect(choices, timing)
@@ -347,7 +365,7 @@ class OpenAIServing:
             "object": "chat.completion",
             "created": meta.created,
             "model": meta.model,
-            "choices": [self._chat_choice(request, c, parse_tools, reasoning) for c in choices],
+            "choices": [self._chat_choice(request, c, tool_parser, reasoning) for c in choices],
             "usage": self._chat_usage(len(prompt_ids), choices, reasoning),
             "system_fingerprint": None,
         }
@@ -362,13 +380,13 @@ class OpenAIServing:
         return self.settings.served_model_name
 
     def _split(
-        self, text: str, parse_tools: bool, parser: ReasoningParser | None
+        self, text: str, tool_parser: Any, parser: ReasoningParser | None
     ) -> tuple[str | None, str | None, list[Any]]:
         """(reasoning, content, tool calls) of a finished choice's text."""
         reasoning, content = parser.parse(text) if parser else (None, text or None)
         calls: list[Any] = []
-        if parse_tools and self.tool_parser_cls is not None:
-            parsed = self.tool_parser_cls().parse(content or "")
+        if tool_parser is not None:
+            parsed = tool_parser().parse(content or "")
             content, calls = parsed.content, parsed.tool_calls
             reasoning = reasoning or parsed.reasoning
         return reasoning, content, calls
@@ -377,10 +395,10 @@ class OpenAIServing:
         self,
         request: ChatCompletionRequest,
         choice: _Choice,
-        parse_tools: bool,
+        tool_parser: Any,
         parser: ReasoningParser | None,
     ) -> dict[str, Any]:
-        reasoning, content, calls = self._split("".join(choice.text), parse_tools, parser)
+        reasoning, content, calls = self._split("".join(choice.text), tool_parser, parser)
         message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
         if calls:
             message["tool_calls"] = [
@@ -428,11 +446,11 @@ class OpenAIServing:
         choices: list[_Choice],
         timing: _Timing,
         meta: _Meta,
-        parse_tools: bool,
+        tool_parser: Any,
         reasoning: ReasoningParser | None,
     ) -> AsyncIterator[str]:
         states = {
-            c.index: _ChatStreamState(self, parse_tools, reasoning, request.include_reasoning)
+            c.index: _ChatStreamState(self, tool_parser, reasoning, request.include_reasoning)
             for c in choices
         }
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
@@ -699,17 +717,14 @@ class _ChatStreamState:
     def __init__(
         self,
         serving: OpenAIServing,
-        parse_tools: bool,
+        tool_parser: Any,
         reasoning: ReasoningParser | None,
         include_reasoning: bool,
     ) -> None:
+        """`tool_parser`: the tool-call parser class for this output, None for plain text."""
         self.reasoning = reasoning.stream() if reasoning else None
         self.include_reasoning = include_reasoning
-        self.tools = (
-            serving.tool_parser_cls().stream()
-            if parse_tools and serving.tool_parser_cls is not None
-            else None
-        )
+        self.tools = tool_parser().stream() if tool_parser is not None else None
         self.sent_role = False
         self.called_tools = False
         self.call_ids: dict[int, str] = {}

@@ -545,6 +545,50 @@ class Llama4JsonToolParser(ToolParser):
         return _LlamaJsonScanner()
 
 
+class ForcedJsonToolParser:
+    """Output forced by the "json" tool-call grammar (structured.py) for families without a
+    grammar of their native format: a JSON array of `{"name", "parameters"}` objects. The
+    grammar guarantees the shape, so the whole text is read at once; a stream reports the
+    calls when it finishes."""
+
+    name = "forced_json"
+
+    def parse(self, text: str) -> ParsedMessage:
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError:
+            return ParsedMessage(content=text.strip() or None)
+        if not isinstance(items, list) or not all(
+            isinstance(item, dict) and isinstance(item.get("name"), str) for item in items
+        ):
+            return ParsedMessage(content=text.strip() or None)
+        calls = [ToolCall(item["name"], _arguments(item.get("parameters", {}))) for item in items]
+        return ParsedMessage(content=None, tool_calls=calls)
+
+    def stream(self) -> _WholeTextStream:
+        return _WholeTextStream(self)
+
+
+class _WholeTextStream:
+    """Buffers everything; `finish` emits what `parse` reads from the whole text."""
+
+    def __init__(self, parser: ForcedJsonToolParser) -> None:
+        self._parser = parser
+        self._text: list[str] = []
+
+    def feed(self, delta: str) -> list[StreamEvent]:
+        self._text.append(delta)
+        return []
+
+    def finish(self) -> list[StreamEvent]:
+        parsed = self._parser.parse("".join(self._text))
+        events: list[StreamEvent] = [ContentDelta(parsed.content)] if parsed.content else []
+        events += [
+            ToolCallDelta(i, call.name, call.arguments) for i, call in enumerate(parsed.tool_calls)
+        ]
+        return events
+
+
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     parser.name: parser
     for parser in (HermesToolParser, DeepSeekV3ToolParser, HarmonyToolParser, Llama4JsonToolParser)
