@@ -45,7 +45,8 @@ def _fail(message: str) -> None:
     type=click.IntRange(min=1),
     default=1024,
     show_default=True,
-    help="Requests in flight before new ones get 503 with Retry-After.",
+    help="Requests allowed to wait beyond the running batch before new ones get 503 "
+    "with Retry-After.",
 )
 @click.option(
     "--strict-model-name",

@@ -480,11 +480,12 @@ def test_context_length_exceeded_gives_the_numbers(client: openai.OpenAI) -> Non
 
 @pytest.fixture(scope="module")
 def guarded(server: RunningServer) -> Iterator[RunningServer]:
-    """A front with an API key, strict model names and room for one request in flight."""
+    """A front with an API key, strict model names and no waiting room beyond the running
+    batch (32 requests, from the config's max_batch_size)."""
     settings = ServerSettings(
         served_model_name="bisllm-tiny-moe",
         api_key="sekret",
-        max_queued_requests=1,
+        max_queued_requests=0,
         strict_model_name=True,
     )
     with second_front(server.engine, settings) as front:
@@ -520,24 +521,20 @@ def test_strict_mode_rejects_other_model_names(guarded: RunningServer) -> None:
 
 
 def test_over_capacity_is_a_503_with_retry_after(guarded: RunningServer) -> None:
-    """Room for one request in flight: two choices at once (n=2) are over the bound."""
+    """Room for the running batch (32) and no queue: 33 choices at once are over the bound."""
     headers = {"Authorization": "Bearer sekret"}
-    body = {"model": "bisllm-tiny-moe", "prompt": "import os\n", "max_tokens": 4, "n": 2}
+    body = {"model": "bisllm-tiny-moe", "prompt": "import os\n", "max_tokens": 4, "n": 33}
     response = httpx.post(f"{guarded.base_url}/completions", json=body, headers=headers)
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert response.json()["error"]["code"] == "server_overloaded"
     # The SDK retries 503 after Retry-After; with retries off it raises.
     sdk = openai.OpenAI(base_url=guarded.base_url, api_key="sekret", max_retries=0)
     with pytest.raises(openai.InternalServerError) as err:
-        sdk.completions.create(model="bisllm-tiny-moe", prompt="x", max_tokens=2, n=2)
+        sdk.completions.create(model="bisllm-tiny-moe", prompt="x", max_tokens=2, n=33)
     assert err.value.status_code == 503
-    # One choice fits, and the bound is free again afterwards.
-    assert (
-        httpx.post(
-            f"{guarded.base_url}/completions", json={**body, "n": 1}, headers=headers
-        ).status_code
-        == 200
-    )
+    # A full batch fits, and the bound is free again afterwards.
+    full = httpx.post(f"{guarded.base_url}/completions", json={**body, "n": 32}, headers=headers)
+    assert full.status_code == 200 and len(full.json()["choices"]) == 32
     assert guarded.serving is not None and guarded.serving.active == 0
 
 

@@ -574,3 +574,20 @@ def test_no_text_is_lost_without_calls(family: str, data: st.DataObject) -> None
     parsed = TOOL_PARSERS[family]().parse(text)
     if not parsed.tool_calls:
         assert parsed.content == (text.strip() or None)
+
+
+def test_forced_json_calls_parse_whole_and_streamed() -> None:
+    from bisllm_server.openai.tool_parsers import ForcedJsonToolParser
+
+    text = '[{"name":"gcd","parameters":{"a":84,"b":36}},{"name":"lcm","parameters":{}}]'
+    parsed = ForcedJsonToolParser().parse(text)
+    assert parsed.content is None
+    assert [(c.name, json.loads(c.arguments)) for c in parsed.tool_calls] == [
+        ("gcd", {"a": 84, "b": 36}),
+        ("lcm", {}),
+    ]
+    stream = ForcedJsonToolParser().stream()
+    assert all(stream.feed(text[i : i + 7]) == [] for i in range(0, len(text), 7))
+    assert fold_events(stream.finish()) == parsed
+    # Not the forced shape (a grammar bypassed): kept as content, never lost.
+    assert ForcedJsonToolParser().parse('{"name": 1}').content == '{"name": 1}'

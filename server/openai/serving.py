@@ -51,7 +51,8 @@ log = logging.getLogger("bisllm.server")
 class ServerSettings:
     served_model_name: str
     api_key: str | None = None
-    # Choices admitted at once (running + waiting in the engine); beyond it, 503 + Retry-After.
+    # Engine requests allowed to wait beyond the running batch (max_batch_size); a request that
+    # would push the waiting queue past it gets 503 + Retry-After.
     max_queued_requests: int = 1024
     retry_after_seconds: int = 1
     # Reject requests naming another model with 404 (default: accept any name, as BIS-LLM).
@@ -164,12 +165,14 @@ class OpenAIServing:
             )
 
     def _admit(self, count: int) -> None:
-        if self.active + count > self.settings.max_queued_requests:
+        running = self.engine.engine.config.max_batch_size
+        limit = running + self.settings.max_queued_requests
+        if self.active + count > limit:
             raise APIError(
                 503,
-                f"the server is at capacity ({self.active} requests in flight, limit "
-                f"{self.settings.max_queued_requests}); retry after "
-                f"{self.settings.retry_after_seconds}s",
+                f"the server is at capacity ({self.active} requests in flight, {count} more "
+                f"asked; room for {running} running and {self.settings.max_queued_requests} "
+                f"waiting); retry after {self.settings.retry_after_seconds}s",
                 code="server_overloaded",
                 headers={"Retry-After": str(self.settings.retry_after_seconds)},
             )
