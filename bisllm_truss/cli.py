@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from bisllm_truss import __version__
+from bisllm_truss.cli_bdn import hydrate, mirror
 from bisllm_truss.cli_generate import generate
 from bisllm_truss.cli_serve import serve
 from bisllm_truss.migrate import MigrationError, migrate_text
@@ -243,3 +244,5 @@ def push_command(
 
 main.add_command(generate)
 main.add_command(serve)
+main.add_command(mirror)
+main.add_command(hydrate)

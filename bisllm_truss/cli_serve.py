@@ -53,6 +53,23 @@ def _fail(message: str) -> None:
     is_flag=True,
     help="Answer 404 to requests naming another model (default: accept any name).",
 )
+@click.option(
+    "--manifests",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="BISLLM_MANIFESTS",
+    default=Path("/etc/bisllm/manifests"),
+    show_default=True,
+    help="Weights manifests (from bisllm mirror) to hydrate before loading, if the directory "
+    "exists. Env: BISLLM_MANIFESTS.",
+)
+@click.option(
+    "--cache",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="BISLLM_CACHE_DIR",
+    default=Path("/models/.bisllm-cache"),
+    show_default=True,
+    help="Node cache for hydration; on the mounts' filesystem so files are hardlinked.",
+)
 @click.option("--log-level", default="info", show_default=True)
 def serve(
     config: Path | None,
@@ -65,6 +82,8 @@ def serve(
     dtype: str,
     max_queued_requests: int,
     strict_model_name: bool,
+    manifests: Path,
+    cache: Path,
     log_level: str,
 ) -> None:
     """Serve CONFIG's model (default: the embedded default model) over the OpenAI API."""
@@ -94,6 +113,7 @@ def serve(
 
     from bisllm_server.openai.launch import ModelDirectoryError, ServeOptions, build_server
 
+    _hydrate_weights(manifests, cache)
     try:
         model_dir = _model_dir(result.spec, config)
         options = ServeOptions(
@@ -111,6 +131,33 @@ def serve(
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
         engine.shutdown()
+
+
+def _hydrate_weights(manifests: Path, cache: Path) -> None:
+    """Deliver every manifest's files to its mount before the model loads (the container
+    entrypoint's job): already-hydrated files cost a hardlink check, nothing is refetched."""
+    if not manifests.is_dir():
+        return
+    paths = sorted(manifests.glob("*.json"))
+    if not paths:
+        return
+    from bisllm_bdn.hydrate import hydrate
+    from bisllm_bdn.manifest import Manifest, ManifestError
+    from bisllm_bdn.store import StoreError, open_store
+
+    for path in paths:
+        try:
+            manifest = Manifest.load(path)
+            summary = hydrate(
+                manifest,
+                Path(manifest.mount_location),
+                cache,
+                store=open_store(manifest.store),
+                progress=sys.stderr.isatty(),
+            )
+        except (ManifestError, StoreError, OSError, ValueError) as exc:
+            _fail(f"hydrating {path}: {exc}")
+        click.echo(f"hydrated {manifest.mount_location}: {summary.to_json()}", err=True)
 
 
 def _model_dir(spec, config: Path) -> Path:  # type: ignore[no-untyped-def]

@@ -166,9 +166,10 @@ def build_spec(config: BisllmConfig, source_text: str) -> DeploymentSpec:
     mounts: list[WeightsMount] = []
     repo = build.checkpoint_repository
     if repo is not None:
-        # Object stores always need the secret; HF only when the user declared it (gated repos).
-        needs_secret = repo.source is not CheckpointSource.HF or (
-            repo.runtime_secret_name in config.secrets
+        # Object stores always need the secret; HF only when the user declared it (gated repos);
+        # a LOCAL directory is read without credentials.
+        needs_secret = repo.source is not CheckpointSource.LOCAL and (
+            repo.source is not CheckpointSource.HF or repo.runtime_secret_name in config.secrets
         )
         mounts.append(
             WeightsMount(
