@@ -151,6 +151,24 @@ def _with_image_options(function):  # type: ignore[no-untyped-def]
     return function
 
 
+def _manifest_files(directory: Path | None) -> tuple[tuple[str, str], ...]:
+    """`bisllm mirror`'s manifests in `directory`, checked, named manifest.<stem>.json."""
+    if directory is None:
+        return ()
+    from bisllm_bdn.manifest import Manifest, ManifestError
+
+    files = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            Manifest.load(path)
+        except ManifestError as exc:
+            _fail(f"{path}: {exc}")
+        files.append((f"manifest.{path.stem}.json", path.read_text()))
+    if not files:
+        _fail(f"--manifests {directory}: no manifest (*.json) in it; run bisllm mirror first")
+    return tuple(files)
+
+
 def _package(
     config: Path,
     output: Path,
@@ -158,12 +176,14 @@ def _package(
     targets: str,
     image_repository: str,
     prometheus_address: str,
+    manifests: Path | None = None,
 ) -> Path:
     spec, source_text = _load_spec(config)
     options = PackageOptions(
         targets=_targets(targets),
         image_repository=image_repository,
         prometheus_address=prometheus_address,
+        manifests=_manifest_files(manifests),
     )
     try:
         files = render_package(spec, source_text, options)
@@ -186,17 +206,26 @@ def _package(
     show_default=True,
     help="Comma-separated outputs to render.",
 )
+@click.option(
+    "--manifests",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Weights manifests from `bisllm mirror`: the Kubernetes ConfigMap carries them and "
+    "workers hydrate them before loading.",
+)
 @_with_image_options
 def package(
     config: Path,
     output: Path,
     force: bool,
     targets: str,
+    manifests: Path | None,
     image_repository: str,
     prometheus_address: str,
 ) -> None:
     """Render CONFIG into a truss dir, a Docker build context and Kubernetes manifests."""
-    target = _package(config, output, force, targets, image_repository, prometheus_address)
+    target = _package(
+        config, output, force, targets, image_repository, prometheus_address, manifests
+    )
     click.echo(f"Packaged {config} into {target}")
     for name in ("truss", "docker", "k8s"):
         if (target / name).is_dir():

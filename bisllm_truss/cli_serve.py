@@ -57,10 +57,9 @@ def _fail(message: str) -> None:
     "--manifests",
     type=click.Path(file_okay=False, path_type=Path),
     envvar="BISLLM_MANIFESTS",
-    default=Path("/etc/bisllm/manifests"),
-    show_default=True,
-    help="Weights manifests (from bisllm mirror) to hydrate before loading, if the directory "
-    "exists. Env: BISLLM_MANIFESTS.",
+    help="A directory of weights manifests (from bisllm mirror) to hydrate before loading. "
+    "Default: the manifest.*.json files next to CONFIG (where the packaged ConfigMap puts "
+    "them). Env: BISLLM_MANIFESTS.",
 )
 @click.option(
     "--cache",
@@ -82,7 +81,7 @@ def serve(
     dtype: str,
     max_queued_requests: int,
     strict_model_name: bool,
-    manifests: Path,
+    manifests: Path | None,
     cache: Path,
     log_level: str,
 ) -> None:
@@ -113,7 +112,12 @@ def serve(
 
     from bisllm_server.openai.launch import ModelDirectoryError, ServeOptions, build_server
 
-    _hydrate_weights(manifests, cache)
+    _hydrate_weights(
+        sorted(manifests.glob("*.json"))
+        if manifests
+        else sorted(config.parent.glob("manifest.*.json")),
+        cache,
+    )
     try:
         model_dir = _model_dir(result.spec, config)
         options = ServeOptions(
@@ -133,12 +137,9 @@ def serve(
         engine.shutdown()
 
 
-def _hydrate_weights(manifests: Path, cache: Path) -> None:
+def _hydrate_weights(paths: list[Path], cache: Path) -> None:
     """Deliver every manifest's files to its mount before the model loads (the container
     entrypoint's job): already-hydrated files cost a hardlink check, nothing is refetched."""
-    if not manifests.is_dir():
-        return
-    paths = sorted(manifests.glob("*.json"))
     if not paths:
         return
     from bisllm_bdn.hydrate import hydrate

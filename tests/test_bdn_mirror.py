@@ -250,10 +250,48 @@ def test_serve_hydrates_manifests_before_loading(tmp_path: Path):
     mount_dir = tmp_path / "models" / "checkpoint"
     mount = Mount(source=f"file://{source}", mount_location=str(mount_dir))
     manifests = tmp_path / "manifests"
-    mirror_mount(mount, LocalStore(tmp_path / "origin"), manifests)
-    _hydrate_weights(manifests, tmp_path / "models" / ".cache")
+    result = mirror_mount(mount, LocalStore(tmp_path / "origin"), manifests)
+    _hydrate_weights([result.manifest_path], tmp_path / "models" / ".cache")
     assert (mount_dir / "config.json").read_bytes() == b'{"a": 1}'
     inode = (mount_dir / "config.json").stat().st_ino
-    _hydrate_weights(manifests, tmp_path / "models" / ".cache")
+    _hydrate_weights([result.manifest_path], tmp_path / "models" / ".cache")
     assert (mount_dir / "config.json").stat().st_ino == inode
-    _hydrate_weights(tmp_path / "absent", tmp_path / "cache")  # no manifests: nothing to do
+
+
+def test_packaged_configmap_carries_the_manifests(tmp_path: Path):
+    """`bisllm package --manifests` puts them next to the config in the ConfigMap, where
+    `bisllm serve` finds them by default."""
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "config.json").write_bytes(b"{}")
+    manifests = tmp_path / "manifests"
+    mount = Mount(source=f"file://{source}", mount_location="/models/checkpoint")
+    result = mirror_mount(mount, LocalStore(tmp_path / "origin"), manifests)
+    example = Path(__file__).parent.parent / "examples" / "qwen3-30b-a3b-h100.yaml"
+    out = tmp_path / "pkg"
+    packaged = CliRunner().invoke(
+        main,
+        ["package", str(example), "-o", str(out), "--target", "k8s", "--manifests", str(manifests)],
+    )
+    assert packaged.exit_code == 0, packaged.output
+    configmap = next(
+        doc
+        for doc in yaml.safe_load_all((out / "k8s" / "configmap.yaml").read_text())
+        if doc and doc["kind"] == "ConfigMap"
+    )
+    assert configmap["data"]["manifest.models-checkpoint.json"] == result.manifest_path.read_text()
+    # Mounted at /etc/bisllm next to config.yaml: serve's default glob picks it up.
+    etc = tmp_path / "etc-bisllm"
+    etc.mkdir()
+    for name, text in configmap["data"].items():
+        (etc / name).write_text(text)
+    assert [p.name for p in sorted(etc.glob("manifest.*.json"))] == [
+        "manifest.models-checkpoint.json"
+    ]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.json").write_text('{"version": 1, "files": [{"path": "../etc/passwd"}]}')
+    refused = CliRunner().invoke(
+        main, ["package", str(example), "-o", str(tmp_path / "pkg2"), "--manifests", str(bad)]
+    )
+    assert refused.exit_code == 1 and "x.json" in refused.stderr

@@ -42,6 +42,9 @@ class PackageOptions:
     targets: tuple[str, ...] = TARGETS
     image_repository: str = DEFAULT_IMAGE_REPOSITORY
     prometheus_address: str = DEFAULT_PROMETHEUS
+    # Weights manifests from `bisllm mirror`, as (file name, JSON text): the Kubernetes
+    # ConfigMap carries them next to the config, where `bisllm serve` hydrates them from.
+    manifests: tuple[tuple[str, str], ...] = ()
 
 
 def _environment() -> Environment:
@@ -232,6 +235,7 @@ def _kubernetes(
         "env_list": env_list,
         "source_config": source_text,
         "spec_json": spec.to_json(),
+        "manifests": dict(options.manifests),
         "prometheus_address": options.prometheus_address,
         # Sum over workers of each worker's in-flight tokens, averaged over the window.
         "in_flight_query": (
