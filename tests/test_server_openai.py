@@ -664,3 +664,36 @@ def test_health_and_metrics(server: RunningServer, client: openai.OpenAI) -> Non
         'bisllm_in_flight_tokens{model_name="bisllm-tiny-moe"}',
     ):
         assert name in text, name
+
+
+def test_engine_failure_mid_stream_is_reported_in_band() -> None:
+    """Headers are out when the engine dies: the stream ends with an `error` event and
+    [DONE] (the SDK raises APIError), and /health turns 503."""
+    with tiny_server() as fresh:
+        llm = fresh.engine.engine
+        real_step, calls = llm.step, {"n": 0}
+
+        def failing_step():  # type: ignore[no-untyped-def]
+            calls["n"] += 1
+            if calls["n"] > 3:
+                raise RuntimeError("device lost")
+            return real_step()
+
+        llm.step = failing_step  # type: ignore[method-assign]
+        client = openai.OpenAI(base_url=fresh.base_url, api_key="x", max_retries=0)
+        stream = client.completions.create(
+            model="m",
+            prompt=CODE_PROMPT,
+            max_tokens=64,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        with pytest.raises(openai.APIError, match="device lost"):
+            for _ in stream:
+                pass
+        health = httpx.get(f"{fresh.url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        # New requests are refused cleanly, not hung.
+        with pytest.raises(openai.APIStatusError) as err:
+            client.completions.create(model="m", prompt="x", max_tokens=2)
+        assert err.value.status_code == 503

@@ -19,12 +19,12 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from bisllm_server.engine.async_engine import AsyncEngine, RequestStream
+from bisllm_server.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from bisllm_server.engine.engine import RequestError
 from bisllm_server.engine.request import RequestOutput
 from bisllm_server.engine.sampling import LogitsProcessor, SamplingParamsError
 from bisllm_server.openai import tool_parsers
-from bisllm_server.openai.errors import APIError, bad_request
+from bisllm_server.openai.errors import APIError, bad_request, error_body
 from bisllm_server.openai.logprobs import TokenText, chat_logprobs, completion_logprobs
 from bisllm_server.openai.metrics import ServerMetrics
 from bisllm_server.openai.prompts import encode_prompt, render_chat
@@ -182,6 +182,8 @@ class OpenAIServing:
             stream = self.engine.open(prompt_ids, params, request_id=f"{uuid.uuid4().hex}-{index}")
         except (RequestError, SamplingParamsError) as exc:
             raise bad_request(str(exc)) from None
+        except EngineDeadError as exc:
+            raise APIError(503, str(exc), code="engine_dead") from None
         self.active += 1
         self.metrics.request_started()
         return _Choice(index, stream, len(prompt_ids))
@@ -495,19 +497,8 @@ class OpenAIServing:
             if include_usage:
                 usage = self._chat_usage(len(prompt_ids), choices, reasoning)
                 yield _sse(meta.chunk("chat.completion.chunk", [], usage=usage))
-        except Exception as exc:  # headers are sent: report in-band, as vLLM and SGLang do
-            log.exception("stream failed")
-            self.metrics.request_failed(500)
-            yield _sse(
-                {
-                    "error": {
-                        "message": str(exc),
-                        "type": "server_error",
-                        "param": None,
-                        "code": None,
-                    }
-                }
-            )
+        except Exception as exc:  # headers are sent: report in-band
+            yield self._stream_error(exc)
         finally:
             self._release(choices, timing)
         yield SSE_DONE
@@ -626,21 +617,17 @@ class OpenAIServing:
                 usage = self._usage(prompt_tokens, choices)
                 yield _sse(meta.chunk("text_completion", [], usage=usage))
         except Exception as exc:
-            log.exception("stream failed")
-            self.metrics.request_failed(500)
-            yield _sse(
-                {
-                    "error": {
-                        "message": str(exc),
-                        "type": "server_error",
-                        "param": None,
-                        "code": None,
-                    }
-                }
-            )
+            yield self._stream_error(exc)
         finally:
             self._release(choices, timing)
         yield SSE_DONE
+
+    def _stream_error(self, exc: Exception) -> str:
+        """An error after the headers went out: an in-band `error` event (then [DONE]), which
+        the SDK raises as APIError, as vLLM and SGLang do."""
+        log.exception("stream failed")
+        self.metrics.request_failed(500)
+        return _sse(error_body(500, str(exc)))
 
     # -- tokenizer endpoints ---------------------------------------------------------------
 
