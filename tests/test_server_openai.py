@@ -697,3 +697,23 @@ def test_engine_failure_mid_stream_is_reported_in_band() -> None:
         with pytest.raises(openai.APIStatusError) as err:
             client.completions.create(model="m", prompt="x", max_tokens=2)
         assert err.value.status_code == 503
+
+
+def test_chat_template_kwargs_reach_the_template(client: openai.OpenAI, server) -> None:
+    """`enable_thinking: false` makes the embedded model's template pre-fill an empty think
+    block: the prompt grows by exactly those tokens."""
+    messages = user("What does `os.getcwd` do?")
+    plain = client.chat.completions.create(model="m", messages=messages, max_tokens=1)
+    no_think = client.chat.completions.create(
+        model="m",
+        messages=messages,
+        max_tokens=1,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
+    tok = server.engine.engine.tokenizer
+    empty_block = len(tok.encode("<think>\n\n</think>\n\n", add_special_tokens=False))
+    assert no_think.usage.prompt_tokens == plain.usage.prompt_tokens + empty_block
+    with pytest.raises(openai.BadRequestError, match="chat_template_kwargs"):
+        client.chat.completions.create(
+            model="m", messages=messages, extra_body={"chat_template_kwargs": {"tools": []}}
+        )
