@@ -1,6 +1,6 @@
 """BDN hydrate throughput: shards hydrated from a LocalStore directory and from a local S3 server
-(moto), against `cp -r` and plain boto3 downloads of the same bytes in the same run; the warm-node
-start (cache full, hardlinks only); engine load time from the hydrated directory.
+(moto), against `cp -r`, plain boto3 and huggingface_hub downloads of the same bytes in the same
+run; the warm-node start (cache full, hardlinks only); engine load time from the hydrated directory.
 
     .venv/bin/python benchmarks/bench_hydrate.py [--size-mb 2048] [--repeats 3] [--json out.json]
     .venv/bin/python benchmarks/bench_hydrate.py --quick      # smoke run: 256 MiB, 1 repeat
@@ -19,7 +19,12 @@ Paths, each --repeats times with a fresh node cache and target (medians in the r
 * warm-node start: hydrate into a new target with the cache from the run above (hardlinks only);
 * hydrate from S3, cold cache; baselines boto3 `download_file` of every blob with the default
   TransferConfig, one file at a time and --workers files at a time (that client's connection
-  pool is sized for it: --workers x 10 connections, so the pool does not throttle it).
+  pool is sized for it: --workers x 10 connections, so the pool does not throttle it);
+* huggingface_hub baselines against the fake Hub of the tests (tests/bdn_servers.py `fake-hub`),
+  which serves the source directory as one commit of a repo from its own process: a
+  `hf_hub_download` of each shard in turn, and one `snapshot_download` with max_workers =
+  --workers; files into a fresh `local_dir` (the target), with a fresh `cache_dir`. Shards are
+  LFS files, so each HEAD on the hub answers a redirect to its CDN port, where the GET goes.
 
 Engine load: a random-init Qwen3-MoE checkpoint in bf16 (about 1 GB; 22 MB with --quick) built with
 transformers, mirrored to the LocalStore and hydrated; then `load_model` of the hydrated
@@ -38,8 +43,12 @@ moto alone. By default the moto process caches each object's bytes, so a range c
 on a real S3; --stock-moto runs moto unchanged. moto answers from one Python process either way:
 the report gives the CPU cores it used, since it can still be the bottleneck.
 
-huggingface_hub is not compared: there is no Hub here, and the fake Hub of the tests
-(tests/bdn_servers.py) sends no X-Repo-Commit header, which `hf_hub_download` requires.
+The fake Hub is a Python stdlib server (http.server, a thread per connection, the file bytes sent
+with sendfile) on loopback, not the Hub's servers and CDN: the absolute huggingface_hub figures
+measure it too, and its CPU is reported like moto's. It hashes the shards once at start (untimed).
+huggingface_hub runs with progress bars off, online (HF_HUB_OFFLINE unset) and over plain HTTP:
+the fake Hub offers no Xet, and HF_HUB_ENABLE_HF_TRANSFER (set to 0) is a no-op in huggingface_hub
+2.x, which has no hf_transfer.
 
 Disk: about 4x --size-mb plus 3.3x the checkpoint's size, in the scratch directory (about 13 GB
 for the defaults); the run refuses to start with less free. RAM: moto keeps the bucket's bytes in
@@ -78,6 +87,9 @@ import boto3
 import psutil
 import torch
 from botocore.config import Config
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import hf_hub_download, snapshot_download
+from huggingface_hub.utils import disable_progress_bars
 
 from bisllm_bdn.hydrate import HydrateSummary, hydrate
 from bisllm_bdn.manifest import Manifest
@@ -87,6 +99,8 @@ from bisllm_server.engine.loader import load_model
 
 MiB = 1 << 20
 BUCKET = "bench-hydrate"
+HF_REPO = "acme/shards"
+FAKE_HUB = Path(__file__).resolve().parents[1] / "tests" / "bdn_servers.py"
 DUMMY_KEY = "testing"  # moto accepts any key pair
 MOUNT_LOCATION = "/models/bench"
 BLOCK_BYTES = 64 * MiB  # random bytes written per call when generating shards
@@ -316,6 +330,47 @@ def s3_store(endpoint: str) -> S3Store:
     return S3Store(f"s3://{BUCKET}/bdn", credentials=secret, endpoint_url=endpoint)
 
 
+# -- the fake Hub -----------------------------------------------------------------------------
+
+
+def hf_environment() -> None:
+    """huggingface_hub online, without progress bars or hf_transfer: in the environment, and in
+    huggingface_hub's constants too, which it read from the environment on import."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["HF_HUB_ENABLE_HF_TRANSFER"] = "0"
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # either one means offline
+        os.environ.pop(name, None)
+    hf_constants.HF_HUB_OFFLINE = False
+    disable_progress_bars()
+
+
+@contextlib.contextmanager
+def hub_server(workdir: Path, root: Path) -> Iterator[tuple[str, psutil.Process]]:
+    """The fake Hub of the tests in a child process, serving `root` as the one commit of
+    HF_REPO's main branch; yields (endpoint, process). Its log goes to `workdir`/hub.log."""
+    command = [sys.executable, str(FAKE_HUB), "fake-hub", "--root", str(root), "--repo", HF_REPO]
+    hub_log = workdir / "hub.log"
+    with hub_log.open("wb") as err:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True)
+    try:
+        assert process.stdout is not None
+        endpoint = process.stdout.readline().strip()  # printed once the files are hashed
+        if not endpoint:
+            process.wait()
+            tail = hub_log.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"the fake hub exited with status {process.returncode}:\n{tail}")
+        yield endpoint, psutil.Process(process.pid)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
 # -- measurements -----------------------------------------------------------------------------
 
 
@@ -426,6 +481,30 @@ def run_boto3(
     return clock.stop(path, repeat, nbytes)
 
 
+def run_hf(
+    path: str,
+    repeat: int,
+    endpoint: str,
+    names: list[str],
+    target: Path,
+    cache: Path,
+    nbytes: int,
+    workers: int,
+    server: psutil.Process,
+) -> Run:
+    """huggingface_hub from the fake Hub at `endpoint`, files into `target` (local_dir), `cache`
+    as cache_dir: `hf_hub_download` of each of `names` in turn when `workers` is 1, else one
+    `snapshot_download` with max_workers=`workers`. Both resolve the branch, as a user would."""
+    clock = Clock(server)
+    where = dict(endpoint=endpoint, cache_dir=cache, local_dir=target, token=False)
+    if workers == 1:
+        for name in names:
+            hf_hub_download(HF_REPO, name, revision="main", **where)
+    else:
+        snapshot_download(HF_REPO, revision="main", max_workers=workers, **where)
+    return clock.stop(path, repeat, nbytes)
+
+
 def sync_device(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -474,7 +553,8 @@ def cores(runs: list[Run], path: str) -> str:
     if not any(r.server_cpu for r in runs if r.path == path):
         return f"{client:.2f}"
     server = median_of(runs, path, lambda r: r.server_cpu / r.seconds)
-    return f"{client:.2f} + moto {server:.2f}"
+    name = "hub" if path.startswith("hf-") else "moto"
+    return f"{client:.2f} + {name} {server:.2f}"
 
 
 def speed(baseline: float, seconds: float) -> str:
@@ -495,7 +575,14 @@ def machine_facts(scratch: Path) -> dict[str, Any]:
         "python": platform.python_version(),
         "versions": {
             name: version(name)
-            for name in ("torch", "transformers", "boto3", "moto", "safetensors")
+            for name in (
+                "torch",
+                "transformers",
+                "boto3",
+                "moto",
+                "huggingface_hub",
+                "safetensors",
+            )
         },
     }
 
@@ -506,8 +593,9 @@ def command_python() -> str:
     return sys.executable if relative.startswith("..") else relative
 
 
-def transfer_table(runs: list[Run], total: int, parallel: int) -> list[str]:
-    """`parallel`: files the parallel boto3 baseline had in flight (--workers, at most the shards)."""
+def transfer_table(runs: list[Run], total: int, parallel: int, workers: int) -> list[str]:
+    """`parallel`: files the parallel boto3 baseline had in flight (--workers, at most the shards);
+    `workers`: snapshot_download's max_workers (--workers)."""
 
     def row(name: str, path: str, versus: str) -> str:
         seconds = median_seconds(runs, path)
@@ -522,26 +610,47 @@ def transfer_table(runs: list[Run], total: int, parallel: int) -> list[str]:
     s3 = median_seconds(runs, "hydrate-s3")
     seq = median_seconds(runs, "boto3-sequential")
     par = median_seconds(runs, "boto3-parallel")
+    hf_seq = median_seconds(runs, "hf-sequential")
+    hf_snap = median_seconds(runs, "hf-snapshot")
     warm = median_seconds(runs, "warm-node")
+
+    def versus_hf(seconds: float) -> str:
+        return (
+            f"{speed(hf_seq, seconds)} `hf_hub_download` one at a time, "
+            f"{speed(hf_snap, seconds)} `snapshot_download`"
+        )
+
     lines = [
         "| path | seconds | MB/s | CPU cores | speed vs baseline |",
         "|---|---:|---:|---:|---|",
         row(
             "hydrate ← LocalStore, cold cache",
             "hydrate-local",
-            f"{speed(cp, local)} `cp -r`, {speed(cp_sync, local)} `cp -r` + sync",
+            f"{speed(cp, local)} `cp -r`, {speed(cp_sync, local)} `cp -r` + sync; "
+            f"{versus_hf(local)}",
         ),
         row("`cp -r` (baseline)", "cp", "1.00x"),
         row("`cp -r` + `sync` each file (baseline)", "cp+sync", "1.00x"),
         row(
             "hydrate ← S3 (moto), cold cache",
             "hydrate-s3",
-            f"{speed(seq, s3)} boto3 one at a time, {speed(par, s3)} boto3 {parallel} at a time",
+            f"{speed(seq, s3)} boto3 one at a time, {speed(par, s3)} boto3 {parallel} at a time; "
+            f"{versus_hf(s3)}",
         ),
         row("boto3 `download_file`, one file at a time (baseline)", "boto3-sequential", "1.00x"),
         row(
             f"boto3 `download_file`, {parallel} files at a time (baseline)",
             "boto3-parallel",
+            "1.00x",
+        ),
+        row(
+            "huggingface_hub `hf_hub_download`, one file at a time, fake Hub (baseline)",
+            "hf-sequential",
+            "1.00x",
+        ),
+        row(
+            f"huggingface_hub `snapshot_download` (max_workers = {workers}), fake Hub (baseline)",
+            "hf-snapshot",
             "1.00x",
         ),
         f"| warm node: hydrate, cache full (hardlinks only) | {warm:.4f} | – "
@@ -662,6 +771,7 @@ def benchmark(
         "workers": args.workers,
         "chunk_bytes": args.chunk_mb * MiB,
         "moto": "stock" if args.stock_moto else "cached object bytes",
+        "hub": "tests/bdn_servers.py fake-hub (stdlib http.server on loopback, own process)",
         "model_shape": shape,
     }
     source = scratch / "source"
@@ -671,8 +781,15 @@ def benchmark(
     log(f"  {time.perf_counter() - start:.1f} s")
 
     runs: list[Run] = []
-    with moto_server(scratch, stock=args.stock_moto) as (endpoint, server):
-        log(f"moto S3 at {endpoint} (pid {server.pid})")
+    hf_environment()
+    log("starting moto, and the fake hub (it hashes the shards first)")
+    start = time.perf_counter()
+    with (
+        moto_server(scratch, stock=args.stock_moto) as (endpoint, server),
+        hub_server(scratch, source) as (hub, hub_process),
+    ):
+        log(f"  {time.perf_counter() - start:.1f} s")
+        log(f"moto S3 at {endpoint} (pid {server.pid}), fake hub at {hub} (pid {hub_process.pid})")
         mount = Mount(source=source.as_uri())
         local_store = LocalStore(scratch / "store")
         log("mirror file:// → LocalStore")
@@ -689,7 +806,15 @@ def benchmark(
             "s3": mirror_s3.to_dict(),
         }
         runs += measure_transfers(
-            args, scratch, source, sizes, mirror_local, mirror_s3, keys, endpoint, server
+            args,
+            scratch,
+            source,
+            sizes,
+            mirror_local,
+            mirror_s3,
+            keys,
+            (endpoint, server),
+            (hub, hub_process),
         )
 
     log(
@@ -713,13 +838,17 @@ def measure_transfers(
     mirror_local: MirrorResult,
     mirror_s3: MirrorResult,
     keys: dict[str, str],
-    endpoint: str,
-    server: psutil.Process,
+    s3: tuple[str, psutil.Process],
+    hub: tuple[str, psutil.Process],
 ) -> list[Run]:
+    """Every transfer path, --repeats times; `s3` and `hub` are (endpoint, server process)."""
+    endpoint, server = s3
+    hub_endpoint, hub_process = hub
     total = sum(sizes.values())
     local_manifest, s3_manifest = mirror_local.manifest, mirror_s3.manifest
     store_root = scratch / "store"
     cache, target, warm_target = scratch / "cache", scratch / "target", scratch / "warm-target"
+    hf_cache = scratch / "hf-cache"
     runs: list[Run] = []
 
     def record(run: Run) -> None:
@@ -779,6 +908,24 @@ def measure_transfers(
             record(run_boto3(name, repeat, endpoint, keys, target, total, workers, server))
             check_tree(target, sizes, name)
             remove(target)
+
+        for name, workers in (("hf-sequential", 1), ("hf-snapshot", args.workers)):
+            record(
+                run_hf(
+                    name,
+                    repeat,
+                    hub_endpoint,
+                    sorted(sizes),
+                    target,
+                    hf_cache,
+                    total,
+                    workers,
+                    hub_process,
+                )
+            )
+            check_tree(target, sizes, name)
+            remove(target)
+            remove(hf_cache)
     return runs
 
 
@@ -844,7 +991,7 @@ def report(
     shape = results["model_shape"]
     model_hydrate = model["hydrate"]
     lines = [
-        "## BDN hydrate vs `cp` and plain boto3",
+        "## BDN hydrate vs `cp`, plain boto3 and huggingface_hub",
         "",
         f"- command: `{results['command']}`",
         f"- date: {results['date']}",
@@ -853,15 +1000,24 @@ def report(
         f"- data: {args.shards} safetensors shards of random bytes, {total / MiB:,.0f} MiB in all; "
         f"hydrate with {args.workers} workers, {args.chunk_mb} MiB ranges; moto in its own process "
         f"({moto}); medians of {args.repeats} repeat(s), fresh node cache and target each time",
+        "- fake Hub: the tests' `tests/bdn_servers.py fake-hub` in its own process, serving the "
+        "source directory as one commit: a Python stdlib server (http.server, a thread per "
+        "connection, file bytes sent with sendfile) on loopback, not the Hub and its CDN, so the "
+        "absolute huggingface_hub figures measure this server too. Every shard is an LFS file: "
+        "a HEAD answered with a redirect to the fake CDN's port, then a GET there. "
+        "huggingface_hub over plain HTTP (no Xet here), progress bars off; files into the target "
+        "as `local_dir`, a fresh `cache_dir` each time",
         "- page cache: not dropped; sources, store blobs and moto's copy are hot in memory for "
         "every path, so this measures CPU and memory bandwidth, not disks. hydrate and "
-        "`cp -r` + `sync` flush what they write; `cp -r` and boto3 leave it dirty in memory",
+        "`cp -r` + `sync` flush what they write; `cp -r`, boto3 and huggingface_hub leave it "
+        "dirty in memory",
         "- speed vs baseline = baseline seconds / path seconds (above 1: faster than the baseline); "
-        "CPU cores = CPU seconds / wall seconds (this process or cp, + the moto process)",
+        "CPU cores = CPU seconds / wall seconds (this process or cp, + the server process: moto "
+        "or the fake hub)",
         "",
         f"### Shards: {total / MiB:,.0f} MiB",
         "",
-        *transfer_table(runs, total, min(args.workers, args.shards)),
+        *transfer_table(runs, total, min(args.workers, args.shards), args.workers),
         "Once, to fill the origins (not repeated):",
         "",
         once_line("mirror file:// → LocalStore", mirror_local),
@@ -881,8 +1037,6 @@ def report(
         f"{model['repeats']} repeats",
         "",
         *load_table(runs),
-        "Not measured: huggingface_hub `hf_hub_download` (no Hub here; the fake Hub of the tests "
-        "sends no X-Repo-Commit header, which it requires).",
     ]
     return lines
 

@@ -24,22 +24,36 @@ under TYPE_CHECKING, or pytest warns that it cannot rewrite an already imported 
   ``.honor_ranges = False`` makes it ignore Range headers (200, whole body). With
   `require_token` (an attribute too, settable at any time), requests need
   ``Authorization: Bearer <token>`` (401 without it, 403 with another token).
-* ``fake_hub() -> FakeHub``: just the Hugging Face Hub routes huggingface_hub 2.x calls for
-  ``HfApi.model_info(revision=)``, ``HfApi.list_repo_tree(recursive=True)`` (with Link-header
-  paging) and the ``/resolve/`` download URL (LFS files redirect to a ``/cdn/`` URL, as on the
-  real hub). ``.add_repo(repo_id, token=None)``, then ``repo.commit({path: bytes})`` returns
-  the new commit's sha and moves the branch; private repos answer 401 like the hub does.
+* ``fake_hub(page_size=1000, port=0, cdn_port=0) -> FakeHub``: just the Hugging Face Hub routes
+  huggingface_hub 2.x calls for ``HfApi.model_info(revision=)``, ``HfApi.list_repo_tree(
+  recursive=True)`` (with Link-header paging), and ``hf_hub_download`` / ``snapshot_download``:
+  HEAD and GET of ``/{repo}/resolve/{rev}/{path}`` carry ``X-Repo-Commit``, an ``ETag`` (the git
+  blob id; an LFS file's sha256) and ``Content-Length``; LFS files (by suffix) answer 302 with
+  ``X-Linked-Etag`` and ``X-Linked-Size`` and a ``Location`` on ``.cdn_url``: a second loopback
+  port, so another origin, as the hub's CDN is another host (huggingface_hub stops at the
+  redirect and reads the metadata off it; clients drop the Authorization header there). The
+  ``/cdn/`` route honors Range. Tree entries give an LFS file's pointer blob id as ``oid``.
+  ``.add_repo(repo_id, token=None)``, then ``repo.commit({path: bytes or Path})`` hashes each
+  file once, returns the new commit's sha and moves the branch; a Path is served from disk at
+  each request (``directory_files(root)`` maps a folder). Private repos answer 401 like the hub.
+
+Run as a script, the fake hub serves a directory from its own process until interrupted or
+terminated, and prints its URL on stdout once the files are hashed and it is ready:
+
+    python tests/bdn_servers.py fake-hub --root DIR --repo acme/shards [--port 0] [--token T]
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
 import re
+import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -53,7 +67,7 @@ from moto.server import ThreadedMotoServer
 
 DUMMY_KEY = "testing"  # moto accepts any key pair until require_auth() is on
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-_CHUNK = 64 * 1024
+_HASH_BLOCK = 1 << 20  # bytes read at a time when hashing a file on disk
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,26 +171,34 @@ class _Fault:
 
 
 class _HttpServerBase:
-    """Thread, request log and injected faults shared by the range server and the fake hub."""
+    """Threads, request log and injected faults shared by the range server and the fake hub."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.requests: list[RequestRecord] = []
         self.honor_ranges = True  # False: answer 200 with the whole body, as some servers do
         self._faults: list[_Fault] = []
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._httpd.daemon_threads = True
-        host, port = self._httpd.server_address[:2]
-        self.url = f"http://{host}:{port}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._listeners: list[tuple[ThreadingHTTPServer, threading.Thread]] = []
+        self.url = self._listen(port)
+
+    def _listen(self, port: int) -> str:
+        """Listen on a (further) loopback port with the same handler; returns its URL."""
+        httpd = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
+        httpd.daemon_threads = True
+        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        self._listeners.append((httpd, thread))
+        host, bound = httpd.server_address[:2]
+        return f"http://{host}:{bound}"
 
     def start(self) -> None:
-        self._thread.start()
+        for _, thread in self._listeners:
+            thread.start()
 
     def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join()
+        for httpd, thread in self._listeners:
+            httpd.shutdown()
+            httpd.server_close()
+            thread.join()
 
     def cut_after(self, nbytes: int, *, path: str | None = None, times: int = 1) -> None:
         """The next `times` GETs (of `path`, if given) stop after `nbytes` body bytes."""
@@ -256,9 +278,12 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
-    def send_bytes(self, size: int, read: Callable[[int, int], bytes], etag: str) -> None:
-        """Serve a body of `size` bytes (read(start, length)) honoring a single Range."""
-        headers = {"ETag": etag, "Accept-Ranges": "bytes"}
+    def send_bytes(
+        self, size: int, body: bytes | Path, etag: str, extra: Mapping[str, str] | None = None
+    ) -> None:
+        """Serve `body` (bytes, or a file of `size` bytes) honoring a single Range; `extra`
+        headers go with it. A file is opened per request and sent with sendfile."""
+        headers = {**(extra or {}), "ETag": etag, "Accept-Ranges": "bytes"}
         start, end, status = 0, size - 1, 200
         requested = self.headers.get("Range") if self.owner.honor_ranges else None
         if requested is not None:
@@ -279,13 +304,12 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         cut = self.owner._take_fault("cut", self.command, urlsplit(self.path).path)
-        remaining = length if cut is None else min(cut, length)
-        offset = start
-        while remaining > 0:
-            chunk = read(offset, min(_CHUNK, remaining))
-            self.wfile.write(chunk)
-            offset += len(chunk)
-            remaining -= len(chunk)
+        count = length if cut is None else min(cut, length)
+        if not isinstance(body, Path):
+            self.wfile.write(memoryview(body)[start : start + count])
+        elif count:
+            with body.open("rb") as handle:
+                self.connection.sendfile(handle, start, count)
         if cut is not None:
             self.wfile.flush()
             self.close_connection = True  # the client sees EOF before Content-Length bytes
@@ -304,19 +328,6 @@ def _parse_range(value: str, size: int) -> tuple[int, int] | None:
     if first >= size or last < first:
         return None
     return first, last
-
-
-def _read_file(path: Path) -> Callable[[int, int], bytes]:
-    def read(start: int, length: int) -> bytes:
-        with path.open("rb") as handle:
-            handle.seek(start)
-            return handle.read(length)
-
-    return read
-
-
-def _read_bytes(data: bytes) -> Callable[[int, int], bytes]:
-    return lambda start, length: data[start : start + length]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -348,9 +359,7 @@ class RangeServer(_HttpServerBase):
             handler.reply(404)
             return
         stat = target.stat()
-        handler.send_bytes(
-            stat.st_size, _read_file(target), f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"'
-        )
+        handler.send_bytes(stat.st_size, target, f'"{stat.st_size:x}-{stat.st_mtime_ns:x}"')
 
 
 @contextmanager
@@ -376,27 +385,84 @@ def range_server(tmp_path: Path) -> Iterator[RangeServer]:
 # Fake Hugging Face Hub
 
 _LFS_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+_LFS_SPEC = "https://git-lfs.github.com/spec/v1"
 
 
 def _git_blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+@dataclass(frozen=True)
+class HubFile:
+    """A committed file and what the hub tells of it, computed once when it is committed."""
+
+    body: bytes | Path  # a Path is read from disk at each request and must not change
+    size: int
+    sha256: str
+    oid: str  # git blob id: of the bytes, or for an LFS file of its pointer file
+    pointer_size: int | None  # LFS files only: the size of their pointer file
+
+    @property
+    def lfs(self) -> bool:
+        return self.pointer_size is not None
+
+
+def _hub_file(path: str, body: bytes | Path) -> HubFile:
+    """Hash `body` in one pass: sha256, and the git blob id unless the file is stored in LFS."""
+    size = body.stat().st_size if isinstance(body, Path) else len(body)
+    lfs = path.endswith(_LFS_SUFFIXES)
+    sha256 = hashlib.sha256()
+    blob = None if lfs else hashlib.sha1(b"blob %d\0" % size)
+    for block in _blocks(body):
+        sha256.update(block)
+        if blob is not None:
+            blob.update(block)
+    digest = sha256.hexdigest()
+    if blob is not None:
+        return HubFile(body, size, digest, blob.hexdigest(), None)
+    pointer = f"version {_LFS_SPEC}\noid sha256:{digest}\nsize {size}\n".encode()
+    return HubFile(body, size, digest, _git_blob_id(pointer), len(pointer))
+
+
+def _blocks(body: bytes | Path) -> Iterator[bytes | memoryview]:
+    if not isinstance(body, Path):
+        yield memoryview(body)
+        return
+    with body.open("rb") as handle:
+        while block := handle.read(_HASH_BLOCK):
+            yield block
+
+
+def directory_files(root: Path) -> dict[str, Path]:
+    """{relative path: file} for every file under `root`, to commit files served from disk."""
+    root = root.resolve()
+    return {p.relative_to(root).as_posix(): p for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 @dataclass
 class FakeRepo:
-    """A model repo: commits are full snapshots ({path: bytes}); branches point at commits."""
+    """A model repo: commits are full snapshots ({path: bytes or Path}); branches point at
+    commits. `index` holds each commit's HubFiles, `blobs` every committed file by sha256."""
 
     repo_id: str
     token: str | None = None  # set: the repo is private and needs this bearer token
-    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    commits: dict[str, dict[str, bytes | Path]] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
+    index: dict[str, dict[str, HubFile]] = field(default_factory=dict)
+    blobs: dict[str, HubFile] = field(default_factory=dict)
 
-    def commit(self, files: Mapping[str, bytes], *, branch: str = "main") -> str:
-        """Record a snapshot, point `branch` at it, and return its 40-hex sha."""
+    def commit(self, files: Mapping[str, bytes | Path], *, branch: str = "main") -> str:
+        """Record a snapshot, point `branch` at it, and return its 40-hex sha. Each file is
+        hashed here, once; a Path is served from disk later, so it must stay as it is."""
+        hashed = {path: _hub_file(path, files[path]) for path in sorted(files)}
         digest = hashlib.sha1(self.branches.get(branch, "").encode())
-        for path in sorted(files):
-            digest.update(path.encode() + b"\0" + hashlib.sha256(files[path]).digest())
+        for path, entry in hashed.items():
+            digest.update(path.encode() + b"\0" + bytes.fromhex(entry.sha256))
         sha = digest.hexdigest()
+        # Index and blobs first: a request that sees the commit finds its files.
+        self.index[sha] = hashed
+        for entry in hashed.values():
+            self.blobs.setdefault(entry.sha256, entry)
         self.commits[sha] = dict(files)
         self.branches[branch] = sha
         return sha
@@ -410,10 +476,12 @@ class FakeRepo:
 class FakeHub(_HttpServerBase):
     """The few Hub routes huggingface_hub uses to resolve, list and download; see the docstring."""
 
-    def __init__(self, page_size: int = 1000):
+    def __init__(self, page_size: int = 1000, *, port: int = 0, cdn_port: int = 0):
         self.repos: dict[str, FakeRepo] = {}
         self.page_size = page_size  # tree entries per page; small values exercise Link paging
-        super().__init__()
+        super().__init__(port)
+        # LFS downloads redirect to another origin, as on the hub, whose CDN is another host.
+        self.cdn_url = self._listen(cdn_port)
 
     def add_repo(self, repo_id: str, *, token: str | None = None) -> FakeRepo:
         repo = FakeRepo(repo_id, token)
@@ -445,8 +513,15 @@ class FakeHub(_HttpServerBase):
         else:
             handler.reply(404)
 
-    def _error(self, handler: _Handler, status: int, code: str, message: str) -> None:
-        headers = {"X-Error-Code": code, "X-Error-Message": message}
+    def _error(
+        self,
+        handler: _Handler,
+        status: int,
+        code: str,
+        message: str,
+        extra: Mapping[str, str] | None = None,
+    ) -> None:
+        headers = {**(extra or {}), "X-Error-Code": code, "X-Error-Message": message}
         body = json.dumps({"error": message}).encode()
         handler.reply(status, body, {**headers, "Content-Type": "application/json"})
 
@@ -475,7 +550,7 @@ class FakeHub(_HttpServerBase):
     def _model_info(self, handler: _Handler, repo: FakeRepo, revision: str) -> None:
         sha = self._commit(handler, repo, revision)
         if sha is not None:
-            siblings = [{"rfilename": p} for p in sorted(repo.commits[sha])]
+            siblings = [{"rfilename": p} for p in sorted(repo.index[sha])]
             info = {"id": repo.repo_id, "sha": sha, "private": repo.token is not None}
             self._json(handler, {**info, "siblings": siblings})
 
@@ -486,7 +561,7 @@ class FakeHub(_HttpServerBase):
         if sha is None:
             return
         recursive = query.get("recursive", ["false"])[0].lower() == "true"
-        entries = self._entries(repo.commits[sha], folder, recursive)
+        entries = self._entries(repo.index[sha], folder, recursive)
         start = int(query.get("cursor", ["0"])[0])
         page = entries[start : start + self.page_size]
         headers = {}
@@ -499,7 +574,7 @@ class FakeHub(_HttpServerBase):
         self._json(handler, page, headers)
 
     @staticmethod
-    def _entries(files: Mapping[str, bytes], folder: str, recursive: bool) -> list[dict]:
+    def _entries(files: Mapping[str, HubFile], folder: str, recursive: bool) -> list[dict]:
         prefix = f"{folder}/" if folder else ""
         entries: dict[str, dict] = {}
         for path in sorted(files):
@@ -511,16 +586,16 @@ class FakeHub(_HttpServerBase):
                 name = prefix + "/".join(parts[:i])
                 entries.setdefault(name, {"type": "directory", "path": name, "oid": "0" * 40})
             if recursive or len(parts) == 1:
-                data = files[path]
+                hub_file = files[path]
                 entry: dict[str, Any] = {
                     "type": "file",
                     "path": path,
-                    "size": len(data),
-                    "oid": _git_blob_id(data),
+                    "size": hub_file.size,
+                    "oid": hub_file.oid,
                 }
-                if path.endswith(_LFS_SUFFIXES):
-                    sha256 = hashlib.sha256(data).hexdigest()
-                    entry["lfs"] = {"oid": sha256, "size": len(data), "pointerSize": 134}
+                if hub_file.lfs:
+                    lfs = {"oid": hub_file.sha256, "size": hub_file.size}
+                    entry["lfs"] = {**lfs, "pointerSize": hub_file.pointer_size}
                 entries[path] = entry
         return list(entries.values())
 
@@ -528,30 +603,39 @@ class FakeHub(_HttpServerBase):
         sha = self._commit(handler, repo, revision)
         if sha is None:
             return
-        data = repo.commits[sha].get(path)
-        if data is None:
-            self._error(handler, 404, "EntryNotFound", f"{path} does not exist at {sha}")
+        commit = {"X-Repo-Commit": sha}
+        hub_file = repo.index[sha].get(path)
+        if hub_file is None:
+            message = f"{path} does not exist at {sha}"
+            self._error(handler, 404, "EntryNotFound", message, commit)
             return
-        if path.endswith(_LFS_SUFFIXES):
-            # LFS files live in content-addressed storage: the hub redirects to a CDN URL.
-            sha256 = hashlib.sha256(data).hexdigest()
-            handler.reply(302, headers={"Location": f"/cdn/{sha256}", "ETag": f'"{sha256}"'})
+        if hub_file.lfs:
+            # LFS files live in content-addressed storage: the hub redirects to a CDN URL, and
+            # the X-Linked-* headers describe the file behind it.
+            etag = f'"{hub_file.sha256}"'
+            headers = {
+                **commit,
+                "Location": f"{self.cdn_url}/cdn/{hub_file.sha256}",
+                "ETag": etag,
+                "X-Linked-Etag": etag,
+                "X-Linked-Size": str(hub_file.size),
+            }
+            handler.reply(302, headers=headers)
             return
-        handler.send_bytes(len(data), _read_bytes(data), f'"{_git_blob_id(data)}"')
+        handler.send_bytes(hub_file.size, hub_file.body, f'"{hub_file.oid}"', commit)
 
     def _cdn(self, handler: _Handler, sha256: str) -> None:
-        for repo in self.repos.values():
-            for files in repo.commits.values():
-                for data in files.values():
-                    if hashlib.sha256(data).hexdigest() == sha256:
-                        handler.send_bytes(len(data), _read_bytes(data), f'"{sha256}"')
-                        return
+        for repo in list(self.repos.values()):
+            hub_file = repo.blobs.get(sha256)
+            if hub_file is not None:
+                handler.send_bytes(hub_file.size, hub_file.body, f'"{sha256}"')
+                return
         handler.reply(404)
 
 
 @contextmanager
-def fake_hub(*, page_size: int = 1000) -> Iterator[FakeHub]:
-    hub = FakeHub(page_size)
+def fake_hub(*, page_size: int = 1000, port: int = 0, cdn_port: int = 0) -> Iterator[FakeHub]:
+    hub = FakeHub(page_size, port=port, cdn_port=cdn_port)
     hub.start()
     try:
         yield hub
@@ -563,3 +647,47 @@ def fake_hub(*, page_size: int = 1000) -> Iterator[FakeHub]:
 def fake_hub_server() -> Iterator[FakeHub]:
     with fake_hub() as hub:
         yield hub
+
+
+# ---------------------------------------------------------------------------------------------
+# As a script: a server in its own process
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Run a loopback server in this process until interrupted or terminated."
+    )
+    servers = parser.add_subparsers(dest="server", required=True)
+    hub = servers.add_parser(
+        "fake-hub",
+        help="The fake HF hub serving a directory's files as one commit of a repo.",
+        description="Hash the files under --root once, commit them to --repo, print the hub's "
+        "URL on stdout and serve (files are read from disk at each request).",
+    )
+    hub.add_argument("--root", type=Path, required=True, help="The directory to serve.")
+    hub.add_argument("--repo", required=True, help="Repo id, e.g. acme/shards.")
+    hub.add_argument("--branch", default="main", help="Branch of the commit (default main).")
+    hub.add_argument("--token", help="Make the repo private: requests need this bearer token.")
+    hub.add_argument("--page-size", type=int, default=1000, help="Tree entries per page.")
+    hub.add_argument("--port", type=int, default=0, help="Hub port (default: any free one).")
+    hub.add_argument("--cdn-port", type=int, default=0, help="CDN port (default: any free one).")
+    args = parser.parse_args(argv)
+    files = directory_files(args.root)
+    if not files:
+        parser.error(f"no files under {args.root}")
+    with fake_hub(page_size=args.page_size, port=args.port, cdn_port=args.cdn_port) as server:
+        repo = server.add_repo(args.repo, token=args.token)
+        sha = repo.commit(files, branch=args.branch)
+        print(server.url, flush=True)
+        print(
+            f"fake hub at {server.url} (CDN {server.cdn_url}): {args.repo}@{args.branch} is "
+            f"{sha}, {len(files)} files from {args.root.resolve()}",
+            file=sys.stderr,
+            flush=True,
+        )
+        with suppress(KeyboardInterrupt):
+            threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

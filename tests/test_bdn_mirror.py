@@ -295,3 +295,36 @@ def test_packaged_configmap_carries_the_manifests(tmp_path: Path):
         main, ["package", str(example), "-o", str(tmp_path / "pkg2"), "--manifests", str(bad)]
     )
     assert refused.exit_code == 1 and "x.json" in refused.stderr
+
+
+def test_hydration_is_counted_on_the_servers_metrics(tmp_path: Path):
+    """What `bisllm serve` hydrated before loading shows on /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from bisllm_bdn.hydrate import STATS
+    from bisllm_server.openai.metrics import ServerMetrics
+
+    def counters() -> dict[str, float]:
+        body, _ = ServerMetrics("m").render()
+        return {
+            s.name: s.value
+            for family in text_string_to_metric_families(body.decode())
+            for s in family.samples
+            if s.name.startswith("bisllm_hydrat") and s.name.endswith("_total")
+        }
+
+    before = counters()
+    assert before["bisllm_hydrate_bytes_fetched_total"] == STATS.snapshot()["bytes_fetched"]
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "w.bin").write_bytes(b"x" * 1000)
+    result = mirror_mount(
+        Mount(source=f"file://{source}", mount_location="/m"), LocalStore(tmp_path / "o"), tmp_path
+    )
+    hydrate(result.manifest, tmp_path / "t", tmp_path / "c", progress=False)
+    after = counters()
+    assert (
+        after["bisllm_hydrate_bytes_fetched_total"]
+        == before["bisllm_hydrate_bytes_fetched_total"] + 1000
+    )
+    assert after["bisllm_hydrations_total"] == before["bisllm_hydrations_total"] + 1

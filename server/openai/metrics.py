@@ -31,7 +31,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from bisllm_server.engine.stats import EngineStats
 
@@ -106,6 +106,7 @@ class ServerMetrics:
         )
         # cpu_usage, memory_usage, gpu_usage and gpu_memory_usage are sampled at scrape time.
         r.register(_SystemCollector(model_name))
+        r.register(_HydrateCollector(model_name))
 
         # -- ours ------------------------------------------------------------------------------
         self._ttft = Histogram(
@@ -312,6 +313,46 @@ class _SystemCollector:
             family = GaugeMetricFamily(name, doc, labels=("model_name",))
             if with_samples:
                 family.add_metric((self._model_name,), value)
+            yield family
+
+
+# bisllm_bdn.hydrate.STATS counter -> (metric name, help).
+HYDRATE_COUNTERS = {
+    "hydrations": ("bisllm_hydrations", "Manifests hydrated by this process."),
+    "files": ("bisllm_hydrate_files", "Files placed in mounts by hydration."),
+    "bytes_fetched": ("bisllm_hydrate_bytes_fetched", "Bytes fetched from the origin store."),
+    "bytes_resumed": (
+        "bisllm_hydrate_bytes_resumed",
+        "Bytes of interrupted fetches reused instead of fetched again.",
+    ),
+    "blobs_fetched": ("bisllm_hydrate_blobs_fetched", "Blobs fetched from the origin store."),
+    "cache_hits": ("bisllm_hydrate_cache_hits", "Files served from the node cache."),
+    "corrupt_blobs": ("bisllm_hydrate_corrupt_blobs", "Blobs that failed sha256 verification."),
+}
+
+
+class _HydrateCollector:
+    """The weights hydration this process ran before serving (bisllm serve hydrates its
+    manifests first), from bisllm_bdn's process-wide counters."""
+
+    def __init__(self, model_name: str) -> None:
+        self._model_name = model_name
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families({}, with_samples=False)
+
+    def collect(self) -> Iterable[Metric]:
+        # Only a process that hydrated has imported the hydrator; others report zeros rather
+        # than import boto3 for a scrape.
+        module = sys.modules.get("bisllm_bdn.hydrate")
+        stats = module.STATS.snapshot() if module is not None else {}
+        return self._families(stats, with_samples=True)
+
+    def _families(self, stats: dict[str, int], *, with_samples: bool) -> Iterator[Metric]:
+        for key, (name, doc) in HYDRATE_COUNTERS.items():
+            family = CounterMetricFamily(name, doc, labels=("model_name",))
+            if with_samples:
+                family.add_metric((self._model_name,), float(stats.get(key, 0)))
             yield family
 
 
