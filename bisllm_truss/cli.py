@@ -10,38 +10,18 @@ import click
 
 from bisllm_truss import __version__
 from bisllm_truss.cli_bdn import hydrate, mirror
+from bisllm_truss.cli_common import fail, load_spec, report_invalid
 from bisllm_truss.cli_generate import generate
 from bisllm_truss.cli_serve import serve
 from bisllm_truss.migrate import MigrationError, migrate_text
 from bisllm_truss.package import OutputDirError, PackageOptions, render_package, write_tree
 from bisllm_truss.package.render import TARGETS, PackageError
 from bisllm_truss.push import PushError, push
-from bisllm_truss.spec import DeploymentSpec
-from bisllm_truss.validate import ValidationResult, validate_file, validate_text
+from bisllm_truss.validate import validate_file, validate_text
 
 config_argument = click.argument(
     "config", type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
-
-
-def _fail(message: str) -> None:
-    click.secho(f"error: {message}", fg="red", err=True)
-    sys.exit(1)
-
-
-def _report_invalid(result: ValidationResult) -> None:
-    for issue in result.issues:
-        click.echo(str(issue), err=True)
-    noun = "error" if len(result.issues) == 1 else "errors"
-    _fail(f"{result.filename}: {len(result.issues)} {noun}")
-
-
-def _load_spec(config: Path) -> tuple[DeploymentSpec, str]:
-    result = validate_file(config)
-    if not result.ok or result.spec is None:
-        _report_invalid(result)
-    assert result.spec is not None
-    return result.spec, result.source_text
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -56,7 +36,7 @@ def validate(config: Path) -> None:
     """Check CONFIG; print every error with its line and column, or OK."""
     result = validate_file(config)
     if not result.ok:
-        _report_invalid(result)
+        report_invalid(result)
     spec = result.spec
     assert spec is not None
     gpus = (
@@ -91,7 +71,7 @@ def migrate(config: Path, output: Path | None, dry_run: bool, tokens_per_request
     try:
         migration = migrate_text(original, tokens_per_request=tokens_per_request)
     except MigrationError as exc:
-        _fail(f"{config}: {exc}")
+        fail(f"{config}: {exc}")
     if not migration.changed:
         click.echo(f"{config} already uses inference_stack v2; nothing to migrate.")
         return
@@ -120,7 +100,7 @@ def _targets(value: str) -> tuple[str, ...]:
     targets = tuple(t.strip() for t in value.split(",") if t.strip())
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
-        _fail(f"expected a comma-separated subset of {', '.join(TARGETS)}, got {value!r}")
+        fail(f"expected a comma-separated subset of {', '.join(TARGETS)}, got {value!r}")
     return targets
 
 
@@ -162,10 +142,10 @@ def _manifest_files(directory: Path | None) -> tuple[tuple[str, str], ...]:
         try:
             Manifest.load(path)
         except ManifestError as exc:
-            _fail(f"{path}: {exc}")
+            fail(f"{path}: {exc}")
         files.append((f"manifest.{path.stem}.json", path.read_text()))
     if not files:
-        _fail(f"--manifests {directory}: no manifest (*.json) in it; run bisllm mirror first")
+        fail(f"--manifests {directory}: no manifest (*.json) in it; run bisllm mirror first")
     return tuple(files)
 
 
@@ -178,7 +158,7 @@ def _package(
     prometheus_address: str,
     manifests: Path | None = None,
 ) -> Path:
-    spec, source_text = _load_spec(config)
+    spec, source_text = load_spec(config)
     options = PackageOptions(
         targets=_targets(targets),
         image_repository=image_repository,
@@ -189,8 +169,7 @@ def _package(
         files = render_package(spec, source_text, options)
         return write_tree(files, output, force=force, protected=[config])
     except (PackageError, OutputDirError) as exc:
-        _fail(str(exc))
-        raise  # unreachable: _fail exits
+        fail(str(exc))
 
 
 @main.command()
@@ -266,9 +245,9 @@ def push_command(
         try:
             code = push(target / "truss", truss_args)
         except PushError as exc:
-            _fail(str(exc))
+            fail(str(exc))
     if code:
-        _fail(f"truss push exited with status {code}")
+        fail(f"truss push exited with status {code}")
 
 
 main.add_command(generate)

@@ -9,17 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import click
 
+from bisllm_truss.cli_common import fail, load_spec
+
 DEFAULT_CACHE = "/var/cache/bisllm"
-
-
-def _fail(message: str) -> None:
-    click.secho(f"error: {message}", fg="red", err=True)
-    sys.exit(1)
 
 
 @click.command()
@@ -60,17 +56,11 @@ def mirror(
     from bisllm_bdn.mirror import mirror_mount
     from bisllm_bdn.sources import SourceError
     from bisllm_bdn.store import StoreError, open_store
-    from bisllm_truss.validate import validate_file
 
-    result = validate_file(config)
-    if not result.ok or result.spec is None:
-        for issue in result.issues:
-            click.echo(str(issue), err=True)
-        _fail(f"{config} is not a valid config")
-    assert result.spec is not None
-    mounts = result.spec.weights
+    spec, _ = load_spec(config)
+    mounts = spec.weights
     if not mounts:
-        _fail(f"{config} declares no weights to mirror")
+        fail(f"{config} declares no weights to mirror")
     try:
         store = open_store(store_uri, endpoint_url=store_endpoint)
         for mount in mounts:
@@ -90,7 +80,7 @@ def mirror(
                     f"in {outcome.seconds:.1f}s"
                 )
     except (SourceError, StoreError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 @click.command()
@@ -149,4 +139,4 @@ def hydrate(
                     f"hits) in {summary.seconds:.1f}s, {summary.throughput_mb_s:.0f} MB/s"
                 )
     except (ManifestError, StoreError, OSError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))

@@ -8,15 +8,12 @@ from pathlib import Path
 
 import click
 
+from bisllm_truss.cli_common import fail, load_spec
+
 # The embedded default model's config, served when no config is given (a source checkout).
 DEFAULT_CONFIG = (
     Path(__file__).resolve().parents[1] / "examples" / "bisllm-tiny-moe" / "config.yaml"
 )
-
-
-def _fail(message: str) -> None:
-    click.secho(f"error: {message}", fg="red", err=True)
-    sys.exit(1)
 
 
 @click.command()
@@ -86,10 +83,8 @@ def serve(
     log_level: str,
 ) -> None:
     """Serve CONFIG's model (default: the embedded default model) over the OpenAI API."""
-    from bisllm_truss.validate import validate_file
-
     if role == "router":
-        _fail(
+        fail(
             "--role router needs the KV-aware router, which is not implemented yet; "
             "serve a worker and send requests to it directly"
         )
@@ -101,12 +96,7 @@ def serve(
                 "give a CONFIG: the embedded default model ships with a source checkout only"
             )
         config = DEFAULT_CONFIG
-    result = validate_file(config)
-    if not result.ok or result.spec is None:
-        for issue in result.issues:
-            click.echo(str(issue), err=True)
-        _fail(f"{config} is not a valid config")
-    assert result.spec is not None
+    spec, _ = load_spec(config)
 
     import uvicorn
 
@@ -119,7 +109,7 @@ def serve(
         cache,
     )
     try:
-        model_dir = _model_dir(result.spec, config)
+        model_dir = _model_dir(spec, config)
         options = ServeOptions(
             device=device,
             dtype=dtype,
@@ -127,10 +117,10 @@ def serve(
             max_queued_requests=max_queued_requests,
             strict_model_name=strict_model_name,
         )
-        click.echo(f"loading {result.spec.served_model_name} from {model_dir} ...", err=True)
-        app, engine = build_server(result.spec, model_dir, options)
+        click.echo(f"loading {spec.served_model_name} from {model_dir} ...", err=True)
+        app, engine = build_server(spec, model_dir, options)
     except (ModelDirectoryError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     try:
         uvicorn.run(app, host=host, port=port, log_level=log_level)
     finally:
@@ -157,7 +147,7 @@ def _hydrate_weights(paths: list[Path], cache: Path) -> None:
                 progress=sys.stderr.isatty(),
             )
         except (ManifestError, StoreError, OSError, ValueError) as exc:
-            _fail(f"hydrating {path}: {exc}")
+            fail(f"hydrating {path}: {exc}")
         click.echo(f"hydrated {manifest.mount_location}: {summary.to_json()}", err=True)
 
 

@@ -89,7 +89,7 @@ def test_invalid_config_is_refused(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("model_name: x\nresourcs: {}\n")
     result = CliRunner().invoke(main, ["serve", str(bad)])
-    assert result.exit_code == 1 and "is not a valid config" in result.stderr
+    assert result.exit_code == 1 and "resourcs" in result.stderr and ": 2 errors" in result.stderr
 
 
 def _free_port() -> int:
