@@ -1,41 +1,20 @@
 """Hydrate a manifest onto a node: origin store → verified node cache → hardlinked target tree.
 
-On-disk node cache (``cache/``), shared by every hydrator process on the node:
-
-* ``blobs/sha256/<2 hex>/<sha256>`` — verified blobs, mode 0444. Only a blob whose sha256 was
-  checked ever gets a name here, so presence plus the right size is a cache hit.
-* ``partial/<sha256>.part`` — a blob being assembled, preallocated to its full size; chunks are
-  written in place with ``pwrite``.
-* ``partial/<sha256>.chunks`` — one ``<start> <end>`` line per finished chunk, appended after the
-  chunk's bytes are written, so a rerun after a crash or SIGKILL fetches only what is missing.
-* ``locks/<sha256>.lock`` — ``flock`` single-flight locks. Whoever holds one is the only process
-  fetching that blob; the others block, then find it in ``blobs/``. The kernel drops the lock when
-  its holder dies. Lock files are never deleted (deleting a lock file under a waiter splits it in
-  two); they are empty.
-
-The target tree gets one hardlink per manifest file pointing at the cached blob (a copy, with a
-warning, when the cache is on another filesystem), created under a temporary name and renamed into
-place so the server never sees a half-made file. Files in the target that the manifest does not
-list are left alone: the target may be shared with other content, and deleting is the caller's
-decision.
+Blobs missing from the node cache (node_cache.py: layout, single-flight locks, resume records)
+are fetched from the origin store in parallel ranged chunks, verified against their sha256, and
+only then named in the cache; then every manifest file is placed in the target (mount.py). A
+corrupt blob never reaches the target, and nothing is placed unless every blob verified.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import shutil
-import stat
 import sys
 import threading
 import time
-import uuid
-from collections.abc import Iterator
 from concurrent.futures import (
     FIRST_COMPLETED,
     FIRST_EXCEPTION,
@@ -47,8 +26,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from bisllm_bdn.errors import BlobCorruptError, HydrateError, UnsafePathError
 from bisllm_bdn.manifest import Manifest
-from bisllm_bdn.store import BlobStore, StoreError, blob_key, open_store
+from bisllm_bdn.mount import is_current, place, target_path
+from bisllm_bdn.node_cache import Intervals, NodeCache, read_chunk_records
+from bisllm_bdn.store import BlobStore, StoreError, open_store
 
 log = logging.getLogger(__name__)
 
@@ -58,30 +40,6 @@ CHUNK_ATTEMPTS = 4
 _HASH_READ_BYTES = 8 << 20
 # Set to 1 to draw the progress bar even when stderr is not a terminal.
 PROGRESS_ENV = "BISLLM_BDN_PROGRESS"
-# Extended attribute recorded on copied (not hardlinked) files so a rerun can recognise them.
-_COPY_XATTR = "user.bisllm_bdn"
-
-
-class HydrateError(RuntimeError):
-    """Hydration failed; the target holds no file from this call."""
-
-
-class BlobCorruptError(HydrateError):
-    """A blob fetched from the origin does not hash to its manifest sha256."""
-
-    def __init__(self, path: str, expected: str, actual: str, store: str) -> None:
-        super().__init__(
-            f"{path}: content from {store} is corrupt: expected sha256 {expected}, got {actual}; "
-            "the download was discarded"
-        )
-        self.path = path
-        self.expected = expected
-        self.actual = actual
-        self.store = store
-
-
-class UnsafePathError(HydrateError):
-    """Writing a manifest file would go through a symlink that leaves the target directory."""
 
 
 @dataclass
@@ -129,90 +87,6 @@ class HydrateStats:
 
 
 STATS = HydrateStats()
-
-
-class NodeCache:
-    """Paths and locks of the node cache directory (layout in the module docstring)."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
-        for sub in ("blobs/sha256", "partial", "locks"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
-
-    def blob_path(self, sha256: str) -> Path:
-        return self.root / blob_key(sha256)
-
-    def part_path(self, sha256: str) -> Path:
-        return self.root / "partial" / f"{sha256}.part"
-
-    def chunks_path(self, sha256: str) -> Path:
-        return self.root / "partial" / f"{sha256}.chunks"
-
-    def lock_path(self, sha256: str) -> Path:
-        return self.root / "locks" / f"{sha256}.lock"
-
-    def has(self, sha256: str, size: int) -> bool:
-        """Whether a verified blob of this size is cached."""
-        try:
-            return self.blob_path(sha256).stat().st_size == size
-        except FileNotFoundError:
-            return False
-
-    @contextlib.contextmanager
-    def locked(self, sha256: str, *, blocking: bool = True) -> Iterator[bool]:
-        """Hold the blob's exclusive single-flight lock; yields False if `blocking` is off and
-        another holder has it."""
-        fd = os.open(self.lock_path(sha256), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            yield True
-        finally:
-            os.close(fd)  # closing releases the flock
-
-
-class _Intervals:
-    """A set of byte ranges [start, end), kept merged and sorted."""
-
-    def __init__(self) -> None:
-        self.spans: list[tuple[int, int]] = []
-
-    def add(self, start: int, end: int) -> None:
-        spans = sorted([*self.spans, (start, end)])
-        merged: list[tuple[int, int]] = []
-        for s, e in spans:
-            if merged and s <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], e))
-            else:
-                merged.append((s, e))
-        self.spans = merged
-
-    def covers(self, start: int, end: int) -> bool:
-        return any(s <= start and end <= e for s, e in self.spans)
-
-    def prefix_end(self) -> int:
-        """End of the covered range that starts at byte 0 (0 when byte 0 is not covered)."""
-        return self.spans[0][1] if self.spans and self.spans[0][0] == 0 else 0
-
-
-def _read_chunk_records(path: Path, size: int) -> _Intervals:
-    """Finished ranges from a ``.chunks`` sidecar; a torn or bogus line is ignored."""
-    done = _Intervals()
-    try:
-        text = path.read_text(encoding="ascii", errors="replace")
-    except FileNotFoundError:
-        return done
-    # Only newline-terminated lines were written completely.
-    for line in text.split("\n")[:-1]:
-        fields = line.split()
-        if len(fields) == 2 and fields[0].isdigit() and fields[1].isdigit():
-            start, end = int(fields[0]), int(fields[1])
-            if 0 <= start < end <= size:
-                done.add(start, end)
-    return done
 
 
 class _Cancelled(Exception):
@@ -264,7 +138,7 @@ class _Assembly:
     from the partial file (still in the page cache) by whichever thread holds the hashing turn.
     """
 
-    def __init__(self, fd: int, size: int, done: _Intervals, chunks_fd: int) -> None:
+    def __init__(self, fd: int, size: int, done: Intervals, chunks_fd: int) -> None:
         self.fd = fd
         self.size = size
         self.done = done
@@ -399,13 +273,13 @@ class _Fetcher:
         """
         part = self.cache.part_path(blob.sha256)
         chunks = self.cache.chunks_path(blob.sha256)
-        done = _Intervals()
+        done = Intervals()
         try:
             reusable = part.stat().st_size == blob.size
         except FileNotFoundError:
             reusable = False
         if reusable:
-            done = _read_chunk_records(chunks, blob.size)
+            done = read_chunk_records(chunks, blob.size)
         else:
             chunks.unlink(missing_ok=True)
         fd = os.open(part, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -507,98 +381,6 @@ class _Fetcher:
         chunks.unlink(missing_ok=True)
 
 
-# -- target tree ------------------------------------------------------------------------------
-
-
-def _inside(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
-
-
-def _target_path(root: Path, rel: str, *, create: bool) -> Path:
-    """The real location of ``root/rel``, refusing symlinks that lead outside `root`.
-
-    Walks the parents one at a time so that no directory is created through an escaping symlink;
-    symlinks that stay inside `root` are followed. `root` must already be resolved.
-    """
-    parts = rel.split("/")
-    current = root
-    for part in parts[:-1]:
-        current = current / part
-        if current.is_symlink():
-            resolved = current.resolve()
-            if not _inside(resolved, root):
-                raise UnsafePathError(
-                    f"{rel}: {current} is a symlink to {resolved}, outside the target {root}"
-                )
-            current = resolved
-        if current.exists():
-            if not current.is_dir():
-                raise HydrateError(f"{rel}: {current} exists and is not a directory")
-        elif create:
-            current.mkdir(exist_ok=True)
-    leaf = current / parts[-1]
-    if leaf.is_symlink() and not _inside(leaf.resolve(), root):
-        raise UnsafePathError(
-            f"{rel}: {leaf} is a symlink to {leaf.resolve()}, outside the target {root}"
-        )
-    return leaf
-
-
-def _copy_record(sha256: str, st: os.stat_result) -> bytes:
-    return f"sha256={sha256} size={st.st_size} mtime_ns={st.st_mtime_ns}".encode("ascii")
-
-
-def _is_current(dest: Path, blob: Path, sha256: str, *, read_only: bool) -> bool:
-    """Whether `dest` already holds this blob: the same inode, or a recorded unchanged copy."""
-    try:
-        st = os.lstat(dest)
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISREG(st.st_mode):
-        return False
-    blob_st = blob.stat()
-    if (st.st_dev, st.st_ino) == (blob_st.st_dev, blob_st.st_ino):
-        return read_only  # a writable request must not keep a link into the cache
-    if stat.S_IMODE(st.st_mode) != _copy_mode(read_only):
-        return False
-    try:
-        return os.getxattr(dest, _COPY_XATTR, follow_symlinks=False) == _copy_record(sha256, st)
-    except OSError:
-        return False
-
-
-def _copy_mode(read_only: bool) -> int:
-    return 0o444 if read_only else 0o644
-
-
-def _place(dest: Path, blob: Path, sha256: str, *, read_only: bool) -> None:
-    """Atomically put the blob's content at `dest`: a hardlink, or a copy when that cannot be."""
-    if dest.is_dir() and not dest.is_symlink():
-        raise HydrateError(f"{dest} is a directory; the manifest lists a file there")
-    tmp = dest.with_name(f".{dest.name}.bdn-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        copy = not read_only
-        if read_only:
-            try:
-                os.link(blob, tmp)
-            except OSError as exc:
-                if exc.errno not in {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP}:
-                    raise
-                log.warning("cannot hardlink %s into %s (%s); copying instead", blob, dest, exc)
-                copy = True
-        if copy:
-            # A writable file must be a private copy: writing through a hardlink would change
-            # the cached blob under every other mount.
-            shutil.copyfile(blob, tmp)
-            os.chmod(tmp, _copy_mode(read_only))
-            with contextlib.suppress(OSError):  # xattrs are an optimisation for reruns
-                os.setxattr(tmp, _COPY_XATTR, _copy_record(sha256, os.stat(tmp)))
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
 # -- entry point ------------------------------------------------------------------------------
 
 
@@ -644,7 +426,7 @@ def hydrate(
     root = to.resolve()
     # Refuse unsafe targets before any byte is downloaded.
     for entry in manifest.files:
-        _target_path(root, entry.path, create=False)
+        target_path(root, entry.path, create=False)
 
     blobs = _group_blobs(manifest)
     missing = [b for b in blobs if not node.has(b.sha256, b.size)]
@@ -666,10 +448,10 @@ def hydrate(
             store.close()
 
     for entry in manifest.files:
-        dest = _target_path(root, entry.path, create=True)
+        dest = target_path(root, entry.path, create=True)
         blob = node.blob_path(entry.sha256)
-        if not _is_current(dest, blob, entry.sha256, read_only=read_only):
-            _place(dest, blob, entry.sha256, read_only=read_only)
+        if not is_current(dest, blob, entry.sha256, read_only=read_only):
+            place(dest, blob, entry.sha256, read_only=read_only)
 
     seconds = time.monotonic() - started
     bytes_fetched = fetcher.bytes_fetched if fetcher else 0
@@ -739,3 +521,15 @@ def _fetch_all(fetcher: _Fetcher, blobs: list[_Blob], workers: int) -> set[str]:
     if corrupt:
         raise corrupt[0]
     return fetched
+
+
+__all__ = [
+    "STATS",
+    "BlobCorruptError",
+    "HydrateError",
+    "HydrateStats",
+    "HydrateSummary",
+    "NodeCache",
+    "UnsafePathError",
+    "hydrate",
+]
