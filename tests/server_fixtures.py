@@ -27,6 +27,24 @@ from bisllm_truss.validate import validate_file
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "examples" / "bisllm-tiny-moe" / "config.yaml"
 
+# The tool the embedded model was trained to call, and the question it calls it for.
+GCD_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "gcd",
+        "description": "Greatest common divisor of two integers.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "a": {"type": "integer", "description": "First integer."},
+                "b": {"type": "integer", "description": "Second integer."},
+            },
+            "required": ["a", "b"],
+        },
+    },
+}
+GCD_QUESTION = "What is the greatest common divisor of 84 and 36?"
+
 
 @dataclass
 class RunningServer:

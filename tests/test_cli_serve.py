@@ -16,6 +16,7 @@ import openai
 import pytest
 import yaml
 from click.testing import CliRunner
+from server_fixtures import GCD_QUESTION, GCD_TOOL
 
 from bisllm_truss.cli import main
 from bisllm_truss.cli_serve import serve
@@ -127,23 +128,8 @@ def test_console_script_serves_the_embedded_model() -> None:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         out = client.chat.completions.create(
             model="not-required",
-            messages=[
-                {"role": "user", "content": "What is the greatest common divisor of 84 and 36?"}
-            ],
-            tools=[
-                {
-                    "type": "function",
-                    "function": {
-                        "name": "gcd",
-                        "description": "Greatest common divisor of two integers.",
-                        "parameters": {
-                            "type": "object",
-                            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
-                            "required": ["a", "b"],
-                        },
-                    },
-                }
-            ],
+            messages=[{"role": "user", "content": GCD_QUESTION}],
+            tools=[GCD_TOOL],
             temperature=0,
             max_tokens=48,
         )

@@ -13,28 +13,12 @@ import jsonschema
 import openai
 import pytest
 from pydantic import BaseModel
-from server_fixtures import RunningServer, second_front, tiny_server
+from server_fixtures import GCD_QUESTION, GCD_TOOL, RunningServer, second_front, tiny_server
 
 from bisllm_server.openai.serving import ServerSettings
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-GCD_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "gcd",
-        "description": "Greatest common divisor of two integers.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "a": {"type": "integer", "description": "First integer."},
-                "b": {"type": "integer", "description": "Second integer."},
-            },
-            "required": ["a", "b"],
-        },
-    },
-}
-GCD_QUESTION = "What is the greatest common divisor of 84 and 36?"
 JSON_SYSTEM = "Answer with a single JSON object and nothing else."
 CODE_PROMPT = 'def is_palindrome(text):\n    """Return True if text reads the same backwards."""\n'
 

@@ -271,9 +271,9 @@ class OpenAIServing:
 
     # -- chat -------------------------------------------------------------------------------
 
-    async def _chat_grammar(self, request: ChatCompletionRequest) -> LogitsProcessor | None:
-        """The grammar a request's output must follow: forced tool calls or a response
-        format; None for free text."""
+    async def _chat_grammar(self, request: ChatCompletionRequest) -> Any:
+        """The compiled grammar a request's output must follow (forced tool calls or a
+        response format), or None for free text. Each choice gets its own matcher over it."""
         choice = request.effective_tool_choice
         forced_tools = choice == "required" or isinstance(choice, NamedToolChoice)
         fmt = request.response_format
@@ -301,7 +301,7 @@ class OpenAIServing:
         except StructuredOutputError as exc:
             param = "tools" if forced_tools else "response_format"
             raise bad_request(str(exc), param=param) from None
-        return self.grammar.new_processor(compiled)
+        return compiled
 
     def _forced_tool_style(self) -> ToolCallStyle:
         """Forced calls use the family's native format where a grammar of it exists (Hermes /
@@ -338,12 +338,13 @@ class OpenAIServing:
         tool_parser = self._output_parser(request, tools)
         # Whether the output starts inside a think block depends on this request's prompt.
         reasoning = self.reasoning_parser.for_prompt(prompt_text) if self.reasoning_parser else None
+        grammar = await self._chat_grammar(request)
         runs = []
         for i in range(request.n):
             processors = self._processors(request.logit_bias)
-            grammar = await self._chat_grammar(request)
             if grammar is not None:
-                processors.append(grammar)
+                assert self.grammar is not None
+                processors.append(self.grammar.new_processor(grammar))
             seed = None if request.seed is None else request.seed + i
             params = build_params(
                 request,
