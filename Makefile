@@ -20,7 +20,8 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-# Serve the embedded default model (`bisllm serve`) and query it with the OpenAI SDK, then
+# Serve the embedded default model (`bisllm serve --workers 2`: two workers behind the KV-aware
+# router) and query it with the OpenAI SDK, then
 # validate → migrate → package → check the truss dir with the real truss library.
 demo: install
 	$(BIN)/bisllm validate $(TINY_MOE)/config.yaml

@@ -10,6 +10,7 @@ import click
 
 from bisllm_truss import __version__
 from bisllm_truss.cli_bdn import hydrate, mirror
+from bisllm_truss.cli_bench import bench
 from bisllm_truss.cli_common import fail, load_spec, report_invalid
 from bisllm_truss.cli_generate import generate
 from bisllm_truss.cli_serve import serve
@@ -254,3 +255,8 @@ main.add_command(generate)
 main.add_command(serve)
 main.add_command(mirror)
 main.add_command(hydrate)
+main.add_command(bench)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,8 +3,11 @@ the OpenAI-compatible API with uvicorn."""
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import click
 
@@ -27,7 +30,33 @@ DEFAULT_CONFIG = (
     show_default=True,
     help="worker: an engine; router: the KV-aware router in front of --workers.",
 )
-@click.option("--workers", help="Router only: the workers' HOST:PORT.")
+@click.option(
+    "--workers",
+    help="A number N: start N engine workers on this machine behind the KV-aware router "
+    "(which listens on --host/--port). With --role router: the workers' HOST:PORT, "
+    "comma-separated; a name resolving to several addresses (a headless Service) is all of them.",
+)
+@click.option(
+    "--policy",
+    type=click.Choice(["kv", "round_robin", "least_load"]),
+    default="kv",
+    show_default=True,
+    help="Router: how workers are chosen (kv weighs cache hits against load).",
+)
+@click.option(
+    "--router-snapshot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="BISLLM_ROUTER_SNAPSHOT",
+    help="Router: a file the KV index is saved to periodically and restored from at start. "
+    "Env: BISLLM_ROUTER_SNAPSHOT.",
+)
+@click.option(
+    "--snapshot-interval",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Router: seconds between index snapshots.",
+)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option(
@@ -71,6 +100,9 @@ def serve(
     config: Path | None,
     role: str,
     workers: str | None,
+    policy: str,
+    router_snapshot: Path | None,
+    snapshot_interval: float,
     host: str,
     port: int,
     api_key: str | None,
@@ -83,13 +115,6 @@ def serve(
     log_level: str,
 ) -> None:
     """Serve CONFIG's model (default: the embedded default model) over the OpenAI API."""
-    if role == "router":
-        fail(
-            "--role router needs the KV-aware router, which is not implemented yet; "
-            "serve a worker and send requests to it directly"
-        )
-    if workers is not None:
-        raise click.UsageError("--workers goes with --role router")
     if config is None:
         if not DEFAULT_CONFIG.is_file():
             raise click.UsageError(
@@ -97,17 +122,62 @@ def serve(
             )
         config = DEFAULT_CONFIG
     spec, _ = load_spec(config)
+    router_options = RouterCLIOptions(
+        policy,
+        router_snapshot,
+        snapshot_interval,
+        host,
+        port,
+        api_key,
+        strict_model_name,
+        log_level,
+    )
+    if role == "router":
+        if not workers:
+            raise click.UsageError("--role router needs --workers HOST:PORT[,HOST:PORT...]")
+        _serve_router(spec, config, workers, router_options)
+        return
+    manifest_paths = (
+        sorted(manifests.glob("*.json"))
+        if manifests
+        else sorted(config.parent.glob("manifest.*.json"))
+    )
+    if workers is not None:
+        if not workers.isdigit() or int(workers) < 1:
+            raise click.UsageError(
+                f"--workers: expected a number of local workers (or --role router with "
+                f"HOST:PORT addresses), got {workers!r}"
+            )
+        _hydrate_weights(manifest_paths, cache)
+        extra = [
+            "--device",
+            device,
+            "--dtype",
+            dtype,
+            "--max-queued-requests",
+            str(max_queued_requests),
+            "--cache",
+            str(cache),
+            "--log-level",
+            log_level,
+        ]
+        if manifests:
+            extra += ["--manifests", str(manifests)]
+        if strict_model_name:
+            extra.append("--strict-model-name")
+        _serve_fleet(spec, config, int(workers), extra, router_options)
+        return
 
     import uvicorn
 
-    from bisllm_server.openai.launch import ModelDirectoryError, ServeOptions, build_server
-
-    _hydrate_weights(
-        sorted(manifests.glob("*.json"))
-        if manifests
-        else sorted(config.parent.glob("manifest.*.json")),
-        cache,
+    from bisllm_server.openai.launch import (
+        ModelDirectoryError,
+        ServeOptions,
+        WorkerServer,
+        build_server,
     )
+
+    _hydrate_weights(manifest_paths, cache)
     try:
         model_dir = _model_dir(spec, config)
         options = ServeOptions(
@@ -122,9 +192,90 @@ def serve(
     except (ModelDirectoryError, ValueError) as exc:
         fail(str(exc))
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        WorkerServer(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
+    except KeyboardInterrupt:
+        pass  # uvicorn re-raises SIGINT after its graceful shutdown; that is a clean exit
     finally:
         engine.shutdown()
+
+
+class RouterCLIOptions(NamedTuple):
+    policy: str
+    snapshot: Path | None
+    snapshot_interval: float
+    host: str
+    port: int
+    api_key: str | None
+    strict_model_name: bool
+    log_level: str
+
+
+def _router_service(spec, config: Path, workers: str, options: RouterCLIOptions) -> Any:  # type: ignore[no-untyped-def]
+    from bisllm_server.engine.engine import load_tokenizer
+    from bisllm_server.openai.launch import ModelDirectoryError
+    from bisllm_server.router.config import RouterConfig
+    from bisllm_server.router.discovery import WorkerSpecError
+    from bisllm_server.router.prompts import PromptTokenizer
+    from bisllm_server.router.service import RouterOptions, RouterService
+
+    try:
+        tokenizer = load_tokenizer(_model_dir(spec, config))
+    except ModelDirectoryError:
+        tokenizer = None  # a router pod without the weights asks the workers to tokenize
+        click.echo("router: no local checkpoint; prompts are tokenized by the workers", err=True)
+    router_config = RouterConfig.from_mapping(spec.routing.model_dump(), policy=options.policy)
+    try:
+        return RouterService(
+            router_config,
+            RouterOptions(
+                workers=workers,
+                served_model_name=spec.served_model_name,
+                api_key=options.api_key,
+                strict_model_name=options.strict_model_name,
+                snapshot_path=options.snapshot,
+                snapshot_interval_s=options.snapshot_interval,
+            ),
+            PromptTokenizer(tokenizer),
+        )
+    except WorkerSpecError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _serve_router(
+    spec,
+    config: Path,
+    workers: str,
+    options: RouterCLIOptions,
+    on_stop: Callable[[], None] | None = None,
+) -> None:  # type: ignore[no-untyped-def]
+    import uvicorn
+
+    from bisllm_server.router.app import create_router_app
+
+    service = _router_service(spec, config, workers, options)
+    click.echo(
+        f"router ({options.policy}) for {workers} on {options.host}:{options.port}", err=True
+    )
+    app = create_router_app(service, on_stop=on_stop)
+    uvicorn.run(app, host=options.host, port=options.port, log_level=options.log_level)
+
+
+def _serve_fleet(
+    spec, config: Path, count: int, extra: list[str], options: RouterCLIOptions
+) -> None:  # type: ignore[no-untyped-def]
+    from bisllm_server.router.fleet import WorkerFleet, worker_command
+
+    env = dict(os.environ)
+    if options.api_key:
+        env["BISLLM_API_KEY"] = options.api_key
+    fleet = WorkerFleet(count, worker_command(str(config), extra), env=env)
+    fleet.start()
+    try:
+        # The workers stop inside the router's graceful shutdown: after it, uvicorn re-raises
+        # SIGTERM, which ends this process before any `finally` here could run.
+        _serve_router(spec, config, ",".join(fleet.addresses), options, on_stop=fleet.stop)
+    finally:
+        fleet.stop()  # start-up failures and Ctrl-C
 
 
 def _hydrate_weights(paths: list[Path], cache: Path) -> None:

@@ -1,7 +1,9 @@
-"""`make demo`'s main job: start `bisllm serve` on the embedded default model, talk to it with
-the official OpenAI SDK (a chat answer, a tool call, a streamed completion), then stop it.
+"""`make demo`'s main job: start `bisllm serve --workers 2` on the embedded default model (two
+engine worker processes behind the KV-aware router), talk to it with the official OpenAI SDK
+(a chat answer, a tool call, a streamed completion, then requests sharing a long system prompt,
+which the router keeps on the worker that has it cached), then stop it.
 
-Run from the repository root: `.venv/bin/python examples/serve_demo.py [--port 8000]`.
+Run from the repository root: `.venv/bin/python examples/serve_demo.py [--port 8000] [--workers 2]`.
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 300) -> N
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     bisllm = Path(sys.executable).parent / "bisllm"
     command = [str(bisllm), "serve", "--port", str(args.port), "--log-level", "warning"]
+    command += ["--workers", str(args.workers)]
     print("$", " ".join(["bisllm", *command[1:]]), flush=True)
     server = subprocess.Popen(command)
     url = f"http://127.0.0.1:{args.port}"
@@ -92,6 +96,36 @@ def main() -> None:
         ):
             print(chunk.choices[0].text, end="", flush=True)
         print()
+
+        print("\n# KV-aware routing: one system prompt, four questions", flush=True)
+        system = (
+            "You answer questions about the Python standard library. Be brief and exact. "
+            "Quote the function signature first, then say what it returns and what it raises."
+        )
+        for module in ("json", "os.path", "itertools", "functools"):
+            raw = client.chat.completions.with_raw_response.create(
+                model="not-required",
+                messages=[
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": f"What is in `{module}`?"},
+                ],
+                temperature=0,
+                max_tokens=8,
+            )
+            usage = raw.parse().usage
+            cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+            print(
+                f"{module:10} -> worker {raw.headers['x-bisllm-worker']} "
+                f"({raw.headers['x-bisllm-route-reason']}), "
+                f"{cached} of {usage.prompt_tokens} prompt tokens from cache"
+            )
+        stats = httpx.get(f"{url}/router/stats").json()["rates"]
+        print(
+            f"router, all requests so far: best possible hit rate "
+            f"{stats['kv_cache_best_prefix_hit_rate']:.2f}, its choices "
+            f"{stats['kv_cache_estimated_hit_rate']:.2f}, workers report "
+            f"{stats['kv_cache_hit_rate']:.2f} (kv_cache_* on /metrics)"
+        )
     finally:
         server.send_signal(signal.SIGINT)
         server.wait(timeout=30)

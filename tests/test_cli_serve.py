@@ -65,19 +65,23 @@ def test_every_packaged_invocation_is_accepted(tmp_path: Path) -> None:
         assert params["role"] == ("router" if name == "router" else "worker"), name
         if name == "router":
             assert params["workers"].endswith(":8000")
+            assert params["router_snapshot"] is not None  # kept across container restarts
 
 
-def test_router_role_is_a_clear_error_for_now() -> None:
+def test_router_role_needs_worker_addresses() -> None:
+    result = CliRunner().invoke(main, ["serve", str(EXAMPLE), "--role", "router"])
+    assert result.exit_code == 2 and "--role router needs --workers HOST:PORT" in result.stderr
     result = CliRunner().invoke(
-        main, ["serve", str(EXAMPLE), "--role", "router", "--workers", "w:8000"]
+        main, ["serve", str(EXAMPLE), "--role", "router", "--workers", "w:8000,nonsense"]
     )
-    assert result.exit_code == 1
-    assert "--role router needs the KV-aware router" in result.stderr
+    assert result.exit_code == 2 and "'nonsense' is not HOST:PORT" in result.stderr
 
 
-def test_workers_only_with_the_router() -> None:
-    result = CliRunner().invoke(main, ["serve", str(EXAMPLE), "--workers", "w:8000"])
-    assert result.exit_code == 2 and "--workers goes with --role router" in result.stderr
+def test_local_workers_are_a_count() -> None:
+    for bad in ("w:8000", "0"):
+        result = CliRunner().invoke(main, ["serve", str(EXAMPLE), "--workers", bad])
+        assert result.exit_code == 2
+        assert "--workers: expected a number of local workers" in result.stderr
 
 
 def test_missing_weights_name_where_they_were_looked_for() -> None:

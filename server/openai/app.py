@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from bisllm_server.openai.errors import APIError, error_body
+from bisllm_server.openai.kv_event_stream import kv_event_lines, load_report
 from bisllm_server.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -48,12 +49,30 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     return (f"{param}: {message}{more}" if param else f"{message}{more}"), param
 
 
-def _key_from(request: Request) -> str | None:
+def key_from(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
     scheme, _, value = auth.partition(" ")
     if scheme.lower() in ("bearer", "api-key") and value.strip():
         return value.strip()
     return request.headers.get("api-key")
+
+
+def refuse_without_key(request: Request, key: str | None) -> JSONResponse | None:
+    """The 401 for a request that lacks the server's API key (None: let it through)."""
+    if not key or request.url.path in OPEN_PATHS:
+        return None
+    given = key_from(request)
+    if given is not None and hmac.compare_digest(given.encode(), key.encode()):
+        return None
+    detail = "missing" if given is None else "invalid"
+    return JSONResponse(
+        error_body(
+            401,
+            f"API key {detail}: send it as 'Authorization: Bearer KEY' or 'Api-Key: KEY'",
+            code="invalid_api_key",
+        ),
+        status_code=401,
+    )
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -63,7 +82,7 @@ async def _until_disconnected(request: Request) -> None:
             return
 
 
-async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
     """`work`'s result, or None after cancelling it if the client disconnects first."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_until_disconnected(request))
@@ -96,25 +115,14 @@ def create_app(serving: OpenAIServing, *, is_ready: Callable[[], bool] = lambda:
 
     @app.middleware("http")
     async def _auth(request: Request, call_next: Callable[[Request], Awaitable[Response]]):
-        key = serving.settings.api_key
-        if key and request.url.path not in OPEN_PATHS:
-            given = _key_from(request)
-            if given is None or not hmac.compare_digest(given.encode(), key.encode()):
-                metrics.request_failed(401)
-                detail = "missing" if given is None else "invalid"
-                return JSONResponse(
-                    error_body(
-                        401,
-                        f"API key {detail}: send it as 'Authorization: Bearer KEY' or "
-                        "'Api-Key: KEY'",
-                        code="invalid_api_key",
-                    ),
-                    status_code=401,
-                )
+        refused = refuse_without_key(request, serving.settings.api_key)
+        if refused is not None:
+            metrics.request_failed(401)
+            return refused
         return await call_next(request)
 
     async def _respond(request: Request, result: Awaitable[Any]) -> Response:
-        body = await _unless_disconnected(request, result)
+        body = await unless_disconnected(request, result)
         if body is None:  # the client is gone; nobody reads this
             return Response(status_code=499)
         if isinstance(body, dict):
@@ -154,6 +162,20 @@ def create_app(serving: OpenAIServing, *, is_ready: Callable[[], bool] = lambda:
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
         return serving.detokenize(body)
+
+    @app.get("/kv_events")
+    async def kv_events(since: int | None = None, instance: str | None = None) -> Response:
+        """NDJSON stream of KV-cache events and load for a KV-aware router (see
+        kv_event_stream); `since` + `instance` from a previous stream resume it."""
+        event_log = serving.kv_event_log
+        if event_log is None:
+            raise APIError(404, "this server does not publish KV events")
+        lines = kv_event_lines(
+            event_log, lambda: load_report(serving.engine.engine), since, instance
+        )
+        return StreamingResponse(
+            lines, media_type="application/x-ndjson", headers={"Cache-Control": "no-cache"}
+        )
 
     @app.get("/health")
     async def health() -> Response:

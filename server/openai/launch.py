@@ -11,10 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import uvicorn
+
 from bisllm_server.engine.async_engine import AsyncEngine
 from bisllm_server.engine.config import EngineConfig
 from bisllm_server.engine.engine import LLMEngine
 from bisllm_server.openai.app import create_app
+from bisllm_server.openai.kv_event_stream import KVEventLog
 from bisllm_server.openai.metrics import ServerMetrics
 from bisllm_server.openai.serving import OpenAIServing, ServerSettings
 
@@ -76,7 +79,10 @@ def build_server(spec: Any, model_dir: Path, options: ServeOptions) -> tuple[Any
     )
     if options.kv_cache_bytes is not None:
         config.kv_cache_bytes = options.kv_cache_bytes
-    engine = AsyncEngine(LLMEngine(config))
+    llm = LLMEngine(config)
+    # Subscribed before the engine thread starts, so the log sees every event from id 1.
+    kv_event_log = KVEventLog(llm.kv_events, block_size=config.page_size)
+    engine = AsyncEngine(llm)
     engine.start()
     settings = ServerSettings(
         served_model_name=spec.served_model_name,
@@ -86,5 +92,19 @@ def build_server(spec: Any, model_dir: Path, options: ServeOptions) -> tuple[Any
     )
     metrics = ServerMetrics(spec.served_model_name)
     serving = OpenAIServing(engine, settings, metrics)
+    serving.kv_event_log = kv_event_log
     metrics.set_status("active")
-    return create_app(serving), engine
+    app = create_app(serving)
+    app.state.kv_event_log = kv_event_log
+    return app, engine
+
+
+class WorkerServer(uvicorn.Server):
+    """uvicorn for a worker: on SIGTERM/SIGINT it first ends the routers' KV event streams,
+    which never end by themselves, so the graceful shutdown waits only for real requests."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        event_log = getattr(self.config.app.state, "kv_event_log", None)
+        if event_log is not None:
+            event_log.end_streams()
+        super().handle_exit(sig, frame)

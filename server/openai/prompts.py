@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from bisllm_server.openai.errors import bad_request
-from bisllm_server.openai.protocol import ChatMessage, Tool
+from bisllm_server.openai.protocol import ChatCompletionRequest, ChatMessage, Tool
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -69,6 +69,20 @@ def render_chat(
             f"the chat template could not render these messages: {exc}", "messages"
         ) from None
     return list(tokenizer.encode(text, add_special_tokens=False)), text
+
+
+def chat_prompt(tokenizer: Any, request: ChatCompletionRequest) -> tuple[list[int], str]:
+    """A chat request's prompt as the worker renders it (tools only when tool_choice allows);
+    the router renders with this too, so its block hashes match the worker's cache."""
+    tools = request.tools if request.effective_tool_choice != "none" else None
+    return render_chat(
+        tokenizer,
+        request.messages,
+        tools=tools,
+        add_generation_prompt=request.add_generation_prompt,
+        continue_final_message=request.continue_final_message,
+        template_kwargs=request.chat_template_kwargs,
+    )
 
 
 def encode_prompt(tokenizer: Any, prompt: str | list[int], vocab_size: int) -> list[int]:

@@ -25,9 +25,10 @@ from bisllm_server.engine.request import RequestOutput
 from bisllm_server.engine.sampling import LogitsProcessor, SamplingParamsError
 from bisllm_server.openai import tool_parsers
 from bisllm_server.openai.errors import APIError, bad_request, error_body
+from bisllm_server.openai.kv_event_stream import KVEventLog
 from bisllm_server.openai.logprobs import TokenText, chat_logprobs, completion_logprobs
 from bisllm_server.openai.metrics import ServerMetrics
-from bisllm_server.openai.prompts import encode_prompt, render_chat
+from bisllm_server.openai.prompts import chat_prompt, encode_prompt, render_chat
 from bisllm_server.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -151,6 +152,8 @@ class OpenAIServing:
             else None
         )
         self.active = 0  # engine requests admitted and not yet finished
+        # The KV-event log `/kv_events` streams; set by launch.build_server (None: no route).
+        self.kv_event_log: KVEventLog | None = None
 
     # -- shared ---------------------------------------------------------------------------
 
@@ -322,16 +325,8 @@ class OpenAIServing:
     async def chat(self, request: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
         self.check_model(request.model)
         self._log_unknown(request)
-        choice_mode = request.effective_tool_choice
-        tools = request.tools if choice_mode != "none" else None
-        prompt_ids, prompt_text = render_chat(
-            self.tokenizer,
-            request.messages,
-            tools=tools,
-            add_generation_prompt=request.add_generation_prompt,
-            continue_final_message=request.continue_final_message,
-            template_kwargs=request.chat_template_kwargs,
-        )
+        tools = request.tools if request.effective_tool_choice != "none" else None
+        prompt_ids, prompt_text = chat_prompt(self.tokenizer, request)
         requested = request.max_completion_tokens or request.max_tokens
         max_tokens = resolve_max_tokens(requested, len(prompt_ids), self.max_seq_len, "messages")
         logprobs = (request.top_logprobs or 0) if request.logprobs else None

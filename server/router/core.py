@@ -1,0 +1,294 @@
+"""The router's decisions and bookkeeping, free of HTTP and clocks it does not own: the live
+server and the trace simulator (`bisllm bench router`) run this same code.
+
+A request's life here: `choose` (which worker) -> `start` (count its load there, predict its
+blocks, pin its session) -> `first_token` (its prefill is done) -> `tokens` (its KV grows) ->
+`finish`. When every worker is saturated (`router_queue_threshold`) requests wait in a queue
+ordered by `router_queue_policy` until `next_queued` finds room.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from bisllm_server.router.config import RouterConfig
+from bisllm_server.router.index import KVIndex
+from bisllm_server.router.scoring import (
+    WorkerLoad,
+    is_saturated,
+    least_loaded,
+    round_robin_order,
+    softmax_pick,
+    worker_costs,
+)
+
+WorkerStatus = Literal["ready", "draining", "down"]
+
+
+class NoWorkerAvailable(Exception):
+    """No healthy worker may take the request (all down, draining or excluded)."""
+
+
+@dataclass
+class WorkerInfo:
+    name: str
+    block_size: int
+    status: WorkerStatus = "ready"
+    load: WorkerLoad = field(default_factory=WorkerLoad)
+    routed_total: int = 0
+
+
+@dataclass
+class RouteRequest:
+    request_id: str
+    prompt_tokens: int
+    block_ids: Sequence[int]  # chained ids of the prompt's full blocks
+    session: str | None = None
+    exclude: frozenset[str] = frozenset()  # workers that already failed this request
+
+
+@dataclass
+class Decision:
+    request_id: str
+    worker: str
+    reason: str  # kv | session | round_robin | least_load | only
+    prompt_tokens: int
+    block_size: int
+    overlap_blocks: int  # the chosen worker's cached prefix, in blocks (router's estimate)
+    best_overlap_blocks: int  # the best any candidate holds
+    costs: dict[str, float]
+    decision_seconds: float
+
+    @property
+    def estimated_cached_tokens(self) -> int:
+        return min(self.prompt_tokens, self.overlap_blocks * self.block_size)
+
+    @property
+    def best_cached_tokens(self) -> int:
+        return min(self.prompt_tokens, self.best_overlap_blocks * self.block_size)
+
+
+@dataclass
+class _InFlight:
+    worker: str
+    prefill_tokens: int  # counted in pending_prefill_tokens until the first token
+    kv_tokens: int  # prompt plus generated, counted in decode_tokens after the first token
+    prefilled: bool = False
+
+
+class Router:
+    def __init__(
+        self,
+        config: RouterConfig,
+        *,
+        index: KVIndex | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.index = index if index is not None else KVIndex(config.predicted_ttl_s, clock)
+        self.rng = rng if rng is not None else random.Random()
+        self.clock = clock
+        self.workers: dict[str, WorkerInfo] = {}
+        self.block_size: int | None = None  # every worker must page its KV the same way
+        self._in_flight: dict[str, _InFlight] = {}
+        self._sessions: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._rr = itertools.count()
+        self._queue: list[tuple[tuple, int, RouteRequest]] = []
+        self._queue_seq = itertools.count()
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def add_worker(self, name: str, *, block_size: int, max_num_tokens: int = 2048) -> WorkerInfo:
+        if self.block_size is None:
+            self.block_size = block_size
+        elif block_size != self.block_size:
+            raise ValueError(
+                f"worker {name} pages KV in blocks of {block_size} tokens, the others in "
+                f"{self.block_size}: serve every worker with the same config"
+            )
+        info = self.workers.get(name)
+        if info is None:
+            info = self.workers[name] = WorkerInfo(name, block_size)
+            self.index.add_worker(name)
+        info.load.max_num_tokens = max_num_tokens
+        return info
+
+    def remove_worker(self, name: str) -> list[str]:
+        """Forget a worker; returns the ids of the requests that were in flight on it."""
+        self.workers.pop(name, None)
+        self.index.remove_worker(name)
+        lost = [rid for rid, f in self._in_flight.items() if f.worker == name]
+        for rid in lost:
+            del self._in_flight[rid]
+        if not self.workers:
+            self.block_size = None
+        return lost
+
+    def set_status(self, name: str, status: WorkerStatus) -> None:
+        self.workers[name].status = status
+
+    def candidates(self, exclude: Iterable[str] = ()) -> list[str]:
+        skip = set(exclude)
+        return [n for n, w in self.workers.items() if w.status == "ready" and n not in skip]
+
+    # -- choosing --------------------------------------------------------------------------------
+
+    def choose(self, request: RouteRequest) -> Decision:
+        start = time.perf_counter()
+        names = self.candidates(request.exclude)
+        if not names:
+            raise NoWorkerAvailable(
+                "no worker is available"
+                + (f" (tried {', '.join(sorted(request.exclude))})" if request.exclude else "")
+            )
+        assert self.block_size is not None
+        overlaps = self.index.overlaps(request.block_ids, names)
+        best = max(overlaps.values(), default=0)
+        pinned = self._session_worker(request.session)
+        costs: dict[str, float] = {}
+        if self.config.policy == "round_robin":
+            worker, reason = round_robin_order(names, next(self._rr))[0], "round_robin"
+        elif self.config.policy == "least_load":
+            loads = {n: self.workers[n].load for n in names}
+            worker, reason = least_loaded(loads, self.rng), "least_load"
+        elif pinned in names and self.config.router_session_affinity_score_multiplier == 0:
+            worker, reason = pinned, "session"
+        else:
+            costs = worker_costs(
+                self.config,
+                {n: self.workers[n].load for n in names},
+                overlaps,
+                prompt_tokens=request.prompt_tokens,
+                block_size=self.block_size,
+                pinned=pinned,
+            )
+            worker = softmax_pick(costs, self.config.router_temperature, self.rng)
+            reason = "session" if worker == pinned else ("kv" if len(names) > 1 else "only")
+        return Decision(
+            request_id=request.request_id,
+            worker=worker,
+            reason=reason,
+            prompt_tokens=request.prompt_tokens,
+            block_size=self.block_size,
+            overlap_blocks=overlaps.get(worker, 0),
+            best_overlap_blocks=best,
+            costs=costs,
+            decision_seconds=time.perf_counter() - start,
+        )
+
+    # -- sessions ----------------------------------------------------------------------------------
+
+    def _session_worker(self, session: str | None) -> str | None:
+        if session is None:
+            return None
+        entry = self._sessions.get(session)
+        if entry is None:
+            return None
+        worker, expiry = entry
+        if expiry < self.clock() or worker not in self.workers:
+            del self._sessions[session]
+            return None
+        return worker
+
+    def _pin(self, session: str, worker: str) -> None:
+        self._sessions[session] = (worker, self.clock() + self.config.session_ttl_s)
+        self._sessions.move_to_end(session)
+        while len(self._sessions) > self.config.max_sessions:
+            self._sessions.popitem(last=False)
+
+    # -- request lifecycle -------------------------------------------------------------------
+
+    def start(self, decision: Decision, request: RouteRequest) -> None:
+        """The request is on its way to `decision.worker`: count its load there."""
+        info = self.workers[decision.worker]
+        uncached = decision.prompt_tokens - decision.estimated_cached_tokens
+        self._in_flight[decision.request_id] = _InFlight(
+            decision.worker, uncached, decision.prompt_tokens
+        )
+        info.load.active_requests += 1
+        info.load.pending_prefill_tokens += uncached
+        info.routed_total += 1
+        self.index.predict(decision.worker, request.block_ids)
+        if request.session is not None:
+            self._pin(request.session, decision.worker)
+
+    def first_token(self, request_id: str) -> None:
+        flight = self._in_flight.get(request_id)
+        if flight is None or flight.prefilled:
+            return
+        flight.prefilled = True
+        load = self.workers[flight.worker].load
+        load.pending_prefill_tokens -= flight.prefill_tokens
+        load.decode_tokens += flight.kv_tokens
+
+    def tokens(self, request_id: str, count: int) -> None:
+        """`count` more generated tokens now sit in the request's KV."""
+        flight = self._in_flight.get(request_id)
+        if flight is None:
+            return
+        if not flight.prefilled:
+            self.first_token(request_id)
+        flight.kv_tokens += count
+        self.workers[flight.worker].load.decode_tokens += count
+
+    def finish(self, request_id: str) -> None:
+        flight = self._in_flight.pop(request_id, None)
+        if flight is None or flight.worker not in self.workers:
+            return
+        load = self.workers[flight.worker].load
+        load.active_requests -= 1
+        if flight.prefilled:
+            load.decode_tokens -= flight.kv_tokens
+        else:
+            load.pending_prefill_tokens -= flight.prefill_tokens
+
+    def worker_of(self, request_id: str) -> str | None:
+        flight = self._in_flight.get(request_id)
+        return flight.worker if flight else None
+
+    # -- queueing ------------------------------------------------------------------------------
+
+    def must_queue(self, request: RouteRequest) -> bool:
+        """Every candidate is saturated, so the request should wait (when queueing is on)."""
+        names = self.candidates(request.exclude)
+        return bool(names) and all(is_saturated(self.config, self.workers[n].load) for n in names)
+
+    def enqueue(self, request: RouteRequest) -> None:
+        if self.config.router_queue_policy == "wspt":
+            # Smith's rule with equal weights: least uncached prefill (best-case) first.
+            best = max(self.index.overlaps(request.block_ids).values(), default=0)
+            key: tuple = (request.prompt_tokens - best * (self.block_size or 1),)
+        else:
+            key = ()
+        heapq.heappush(self._queue, (key, next(self._queue_seq), request))
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def next_queued(self) -> RouteRequest | None:
+        """The next queued request, if some worker has room for it now."""
+        if not self._queue:
+            return None
+        request = self._queue[0][2]
+        if self.must_queue(request):
+            return None
+        heapq.heappop(self._queue)
+        return request
+
+    def drop_queued(self, request_id: str) -> bool:
+        """Take a request out of the queue (its client left); True if it was there."""
+        for i, (_, _, queued) in enumerate(self._queue):
+            if queued.request_id == request_id:
+                self._queue.pop(i)
+                heapq.heapify(self._queue)
+                return True
+        return False
