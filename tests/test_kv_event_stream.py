@@ -106,9 +106,11 @@ def test_publishing_on_another_thread_wakes_an_async_waiter_once() -> None:
 
     async def main() -> bool:
         waiting = asyncio.create_task(log.wait_for(0, timeout=60))
+        thread = threading.Thread(target=engine_thread)
         # FIFO: the task's first step (registering its waiter) runs before the thread starts.
-        asyncio.get_running_loop().call_soon(threading.Thread(target=engine_thread).start)
+        asyncio.get_running_loop().call_soon(thread.start)
         woken = await waiting
+        await asyncio.to_thread(thread.join)  # its second event is published too
         assert await log.wait_for(0, timeout=60)  # already past: returns at once
         assert not await log.wait_for(log.last_event_id, timeout=0.01)  # nothing new
         assert not log._waiters
