@@ -322,8 +322,10 @@ class RouterService:
         last_error = "no worker was tried"
         for attempt in range(self.options.max_attempts):
             route = RouteRequest(request_id, len(token_ids), block_ids, session, frozenset(failed))
-            if attempt and not self.router.candidates(route.exclude):
-                break
+            if attempt:
+                if not self.router.candidates(route.exclude):
+                    break
+                self.metrics.retried()
             decision = await self._place(route)
             worker = decision.worker
             lease = _Lease(self, request_id)
@@ -340,7 +342,6 @@ class RouterService:
                 )
                 if exc.worker_down and worker in self.links:
                     self.links[worker].mark_failed()
-                self.metrics.retried()
                 continue
             except BaseException:  # the client left (cancelled) or a bug: free the worker's load
                 lease.release()
