@@ -218,6 +218,11 @@ class TokenizeRequest(_Request):
     messages: list[ChatMessage] | None = None
     add_special_tokens: StrictBool = True
     add_generation_prompt: StrictBool = True
+    # Chat rendering as /v1/chat/completions does it (vLLM's /tokenize takes these too), so a
+    # router without the tokenizer gets exactly the ids a chat request will have.
+    continue_final_message: StrictBool = False
+    tools: list[Tool] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _one_input(self) -> TokenizeRequest:

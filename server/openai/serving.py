@@ -638,10 +638,10 @@ class OpenAIServing:
             ids, _ = render_chat(
                 self.tokenizer,
                 request.messages,
-                tools=None,
+                tools=request.tools,
                 add_generation_prompt=request.add_generation_prompt,
-                continue_final_message=False,
-                template_kwargs=None,
+                continue_final_message=request.continue_final_message,
+                template_kwargs=request.chat_template_kwargs,
             )
         else:
             if self.tokenizer is None:

@@ -3,8 +3,8 @@ hashes land on the ids the worker's cache publishes.
 
 With the checkpoint's tokenizer on the router's machine (`bisllm serve --workers N`, or a router
 given the model directory) the router renders exactly what the worker renders. Without it (a
-router pod that mounts only the config) it asks a worker's `/tokenize`; that costs a round
-trip and leaves tool definitions out of chat prompts, so such prompts match by their messages.
+router pod that mounts only the config) it asks a worker's `/tokenize`, with the same chat
+fields (tools, template kwargs), at the cost of a round trip.
 """
 
 from __future__ import annotations
@@ -37,10 +37,14 @@ class PromptTokenizer:
         if isinstance(request, ChatCompletionRequest):
             if self.tokenizer is not None:
                 return chat_prompt(self.tokenizer, request)[0]
+            tools = request.tools if request.effective_tool_choice != "none" else None
             return await self._remote(
                 {
                     "messages": [m.model_dump(exclude_none=True) for m in request.messages],
                     "add_generation_prompt": request.add_generation_prompt,
+                    "continue_final_message": request.continue_final_message,
+                    "tools": [t.model_dump(exclude_none=True) for t in tools] if tools else None,
+                    "chat_template_kwargs": request.chat_template_kwargs,
                 }
             )
         first = request.prompts()[0]
