@@ -250,10 +250,6 @@ class Router:
         else:
             load.pending_prefill_tokens -= flight.prefill_tokens
 
-    def worker_of(self, request_id: str) -> str | None:
-        flight = self._in_flight.get(request_id)
-        return flight.worker if flight else None
-
     # -- queueing ------------------------------------------------------------------------------
 
     def must_queue(self, request: RouteRequest) -> bool:

@@ -38,7 +38,6 @@ class KVIndex:
         self._blocks: dict[str, dict[int, int | None]] = {}
         # worker -> {block id: expiry}; refreshed ids move to the end, so expiry is ascending.
         self._predicted: dict[str, OrderedDict[int, float]] = {}
-        self.events_applied = 0
 
     # -- workers -------------------------------------------------------------------------------
 
@@ -49,10 +48,6 @@ class KVIndex:
     def remove_worker(self, worker: str) -> None:
         self._blocks.pop(worker, None)
         self._predicted.pop(worker, None)
-
-    @property
-    def workers(self) -> list[str]:
-        return list(self._blocks)
 
     def num_blocks(self, worker: str) -> int:
         return len(self._blocks.get(worker, ()))
@@ -68,7 +63,6 @@ class KVIndex:
         blocks = self._blocks.get(worker)
         if blocks is None:
             raise KeyError(f"unknown worker {worker!r}")
-        self.events_applied += 1
         predicted = self._predicted[worker]
         if isinstance(event, BlockStored):
             parent = event.parent_block_hash
