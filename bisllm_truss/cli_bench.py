@@ -3,6 +3,11 @@
 `bisllm bench router` replays a request trace through the router's real scoring code against
 simulated workers in virtual time (bisllm_server.router.simulate) and reports cache hit rate,
 load balance, simulated TTFT and the router's own decision latency.
+
+`bisllm bench autoscaler` replays a trace through simulated workers (the step-time model of a
+measured worker profile) and the real autoscaling policy (bisllm_server.autoscaler.simulate)
+and reports SLO attainment, replica-hours against a policy-independent oracle, scale events
+and overshoot.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from typing import Any
 
 import click
 
+from bisllm_server.autoscaler import simulate as autoscale_sim
+from bisllm_server.autoscaler.capacity import ProfileError, default_profile, load_profile
+from bisllm_server.autoscaler.policy import AutoscalerSettings
 from bisllm_server.router.simulate import SimResult, SimWorkerModel, simulate
 from bisllm_server.router.traces import (
     DEFAULT_TRACE_BLOCK_SIZE,
@@ -180,5 +188,233 @@ def _print_summary(trace_path: Path, r: SimResult) -> None:
         f"  decision       p50 {r.decision_p50_ms:.3f} ms, p99 {r.decision_p99_ms:.3f} ms (wall)",
         f"  KV             {r.evicted_blocks} blocks evicted, peak {r.peak_kv_tokens} of "
         f"{r.kv_capacity_tokens} tokens per worker",
+    ]
+    click.echo("\n".join(lines))
+
+
+# -- bench autoscaler ----------------------------------------------------------------------------
+
+_SCALER = AutoscalerSettings()
+_TARGETS = autoscale_sim.DEFAULT_TARGETS
+
+
+@bench.command()
+@click.option(
+    "--trace",
+    "trace_path",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Request trace: Mooncake JSONL or Azure LLM inference CSV.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default=None,
+    help="Trace format (default: from the suffix, .jsonl mooncake, .csv azure).",
+)
+@click.option(
+    "--policy",
+    type=click.Choice(["tokens", "concurrency"]),
+    default="tokens",
+    show_default=True,
+    help="Scaling signal: in-flight tokens, or requests (waiting + running) per replica.",
+)
+@click.option(
+    "--target",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help=f"Per-replica target in the signal's unit (default: {_TARGETS['tokens']:g} in-flight "
+    f"tokens for --policy tokens, {_TARGETS['concurrency']:g} requests for --policy "
+    "concurrency; both sized for the default profile, docs/benchmarks.md).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (last line).")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=None, help="Only the first N requests."
+)
+@click.option(
+    "--speed",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="Divide arrival times by this (2 = twice the request rate).",
+)
+@click.option(
+    "--profile",
+    "profile_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Worker profile JSON (default: the embedded model measured on a 2-core CPU, "
+    "benchmarks/calibrate_worker.py).",
+)
+@click.option("--min-replica", type=int, default=_SCALER.min_replica, show_default=True)
+@click.option("--max-replica", type=int, default=32, show_default=True)
+@click.option(
+    "--initial-replicas",
+    type=int,
+    default=None,
+    help="Warm replicas at time 0 (default: --min-replica).",
+)
+@click.option(
+    "--window",
+    type=float,
+    default=_SCALER.window_s,
+    show_default=True,
+    help="Seconds of load averaged per decision (autoscaling_window).",
+)
+@click.option(
+    "--scale-down-delay",
+    type=float,
+    default=_SCALER.scale_down_delay_s,
+    show_default=True,
+    help="Seconds the load must stay low before a scale-down, and between scale-downs.",
+)
+@click.option(
+    "--max-scale-down-rate",
+    type=float,
+    default=None,
+    help=f"Percent of the replicas one scale-down may remove (default "
+    f"{_SCALER.max_scale_down_rate:g}); not with --half-life.",
+)
+@click.option(
+    "--half-life",
+    type=float,
+    default=None,
+    help="Scale down by exponential decay with this half-life in seconds instead.",
+)
+@click.option(
+    "--tick",
+    type=float,
+    default=autoscale_sim.DEFAULT_TICK_S,
+    show_default=True,
+    help="Seconds between autoscaler decisions.",
+)
+@click.option(
+    "--startup-s",
+    type=float,
+    default=None,
+    help="Seconds from starting a replica to its first request (default: the profile's).",
+)
+@click.option(
+    "--ttft-slo",
+    type=float,
+    default=autoscale_sim.DEFAULT_TTFT_SLO_S,
+    show_default=True,
+    help="Time-to-first-token SLO in seconds.",
+)
+@click.option(
+    "--tpot-slo",
+    type=float,
+    default=autoscale_sim.DEFAULT_TPOT_SLO_S,
+    show_default=True,
+    help="Time-per-output-token SLO in seconds (also sizes the oracle's replica capacity).",
+)
+def autoscaler(
+    trace_path: Path,
+    fmt: Any,
+    policy: Any,
+    target: float | None,
+    as_json: bool,
+    limit: int | None,
+    speed: float,
+    profile_path: Path | None,
+    min_replica: int,
+    max_replica: int,
+    initial_replicas: int | None,
+    window: float,
+    scale_down_delay: float,
+    max_scale_down_rate: float | None,
+    half_life: float | None,
+    tick: float,
+    startup_s: float | None,
+    ttft_slo: float,
+    tpot_slo: float,
+) -> None:
+    """Replay a request trace through simulated workers and the autoscaler (virtual time)."""
+    for name, value, low in (
+        ("--tick", tick, 0.0),
+        ("--ttft-slo", ttft_slo, 0.0),
+        ("--tpot-slo", tpot_slo, 0.0),
+        ("--window", window, 0.0),
+    ):
+        if not value > low:
+            fail(f"{name} must be > 0, got {value:g}")
+    if scale_down_delay < 0:
+        fail(f"--scale-down-delay must be >= 0, got {scale_down_delay:g}")
+    if startup_s is not None and not startup_s >= 0:
+        fail(f"--startup-s must be >= 0, got {startup_s:g}")
+    if min_replica < 1:
+        fail(f"--min-replica must be >= 1 (no scale to zero), got {min_replica}")
+    if max_replica < min_replica:
+        fail(f"--max-replica ({max_replica}) must be >= --min-replica ({min_replica})")
+    if initial_replicas is not None and not min_replica <= initial_replicas <= max_replica:
+        fail(
+            f"--initial-replicas must be within [--min-replica, --max-replica] = "
+            f"[{min_replica}, {max_replica}], got {initial_replicas}"
+        )
+    if max_scale_down_rate is not None and half_life is not None:
+        fail("--max-scale-down-rate and --half-life exclude each other; give one")
+    if max_scale_down_rate is not None and not 0 < max_scale_down_rate <= 100:
+        fail(f"--max-scale-down-rate must be in (0, 100], got {max_scale_down_rate:g}")
+    if half_life is not None and not half_life > 0:
+        fail(f"--half-life must be > 0, got {half_life:g}")
+    settings = AutoscalerSettings(
+        min_replica=min_replica,
+        max_replica=max_replica,
+        window_s=window,
+        scale_down_delay_s=scale_down_delay,
+        target=target if target is not None else _TARGETS[policy],
+        signal=policy,
+        scale_down_policy="half_life" if half_life is not None else "rate",
+        max_scale_down_rate=(
+            max_scale_down_rate if max_scale_down_rate is not None else _SCALER.max_scale_down_rate
+        ),
+        scale_down_half_life_s=half_life,
+    )
+    try:
+        profile = load_profile(profile_path) if profile_path else default_profile()
+    except ProfileError as exc:
+        fail(f"--profile: {exc}")
+    try:
+        trace = load_trace(trace_path, fmt, limit=limit, speed=speed)
+    except (TraceError, ValueError) as exc:
+        fail(str(exc))
+    if not trace:
+        fail(f"{trace_path}: no requests")
+    with _progress(len(trace)) as progress:
+        try:
+            result = autoscale_sim.simulate(
+                trace,
+                settings,
+                profile,
+                tick_s=tick,
+                initial_replicas=initial_replicas,
+                startup_s=startup_s,
+                ttft_slo_s=ttft_slo,
+                tpot_slo_s=tpot_slo,
+                progress=progress,
+            )
+        except ValueError as exc:
+            fail(str(exc))
+    _print_autoscale_summary(trace_path, result)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+
+
+def _print_autoscale_summary(trace_path: Path, r: autoscale_sim.AutoscaleResult) -> None:
+    unit = "in-flight tokens" if r.policy == "tokens" else "requests"
+    lines = [
+        f"{trace_path.name}: {r.requests} requests, policy {r.policy}, target {r.target:g} {unit} "
+        f"per replica",
+        f"  SLO attainment {r.slo_attainment:.2%} (TTFT <= {r.ttft_slo_s:g} s: "
+        f"{r.ttft_attainment:.2%}, TPOT <= {r.tpot_slo_s:g} s: {r.tpot_attainment:.2%})",
+        f"  TTFT           p50 {r.ttft_p50_s:.3f} s, p99 {r.ttft_p99_s:.3f} s (simulated)",
+        f"  TPOT           p50 {r.tpot_p50_s * 1e3:.1f} ms, p99 {r.tpot_p99_s * 1e3:.1f} ms",
+        f"  replicas       {r.replica_hours:.3f} replica-hours (oracle {r.oracle_replica_hours:.3f}),"
+        f" mean {r.mean_replicas:.2f}, peak {r.peak_replicas}",
+        f"  scaling        {r.scale_events} scale events, max overshoot "
+        f"{r.max_overshoot_replicas} replicas (startup {r.startup_s:g} s, tick {r.tick_s:g} s)",
+        f"  capacity       {r.capacity_tokens_per_s:.0f} tokens/s per replica at the TPOT SLO "
+        f"(decode batch {r.capacity_decode_batch})",
     ]
     click.echo("\n".join(lines))

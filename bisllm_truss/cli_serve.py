@@ -3,6 +3,7 @@ the OpenAI-compatible API with uvicorn."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -33,8 +34,22 @@ DEFAULT_CONFIG = (
 @click.option(
     "--workers",
     help="A number N: start N engine workers on this machine behind the KV-aware router "
-    "(which listens on --host/--port). With --role router: the workers' HOST:PORT, "
-    "comma-separated; a name resolving to several addresses (a headless Service) is all of them.",
+    "(which listens on --host/--port); MIN..MAX with --autoscale. With --role router: the "
+    "workers' HOST:PORT, comma-separated; a name resolving to several addresses (a headless "
+    "Service) is all of them.",
+)
+@click.option(
+    "--autoscale",
+    is_flag=True,
+    help="Start and retire local workers on in-flight tokens (the config's "
+    "autoscaling_settings; --workers MIN..MAX overrides min_replica and max_replica).",
+)
+@click.option(
+    "--autoscale-interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    show_default=True,
+    help="Seconds between autoscaler decisions (each samples the workers' load once).",
 )
 @click.option(
     "--policy",
@@ -100,6 +115,8 @@ def serve(
     config: Path | None,
     role: str,
     workers: str | None,
+    autoscale: bool,
+    autoscale_interval: float,
     policy: str,
     router_snapshot: Path | None,
     snapshot_interval: float,
@@ -131,10 +148,16 @@ def serve(
         api_key,
         strict_model_name,
         log_level,
+        autoscale_interval,
     )
     if role == "router":
         if not workers:
             raise click.UsageError("--role router needs --workers HOST:PORT[,HOST:PORT...]")
+        if autoscale:
+            raise click.UsageError(
+                "--autoscale starts local workers; a --role router is scaled by the KEDA "
+                "ScaledObject that `bisllm package` emits (it still reports autoscaler_* metrics)"
+            )
         _serve_router(spec, config, workers, router_options)
         return
     manifest_paths = (
@@ -142,12 +165,10 @@ def serve(
         if manifests
         else sorted(config.parent.glob("manifest.*.json"))
     )
+    if autoscale and workers is None:
+        workers = f"{spec.autoscaling.min_replica}..{spec.autoscaling.max_replica}"
     if workers is not None:
-        if not workers.isdigit() or int(workers) < 1:
-            raise click.UsageError(
-                f"--workers: expected a number of local workers (or --role router with "
-                f"HOST:PORT addresses), got {workers!r}"
-            )
+        bounds = _worker_bounds(workers, autoscale)
         _hydrate_weights(manifest_paths, cache)
         extra = [
             "--device",
@@ -165,7 +186,7 @@ def serve(
             extra += ["--manifests", str(manifests)]
         if strict_model_name:
             extra.append("--strict-model-name")
-        _serve_fleet(spec, config, int(workers), extra, router_options)
+        _serve_fleet(spec, config, bounds, autoscale, extra, router_options)
         return
 
     import uvicorn
@@ -208,6 +229,27 @@ class RouterCLIOptions(NamedTuple):
     api_key: str | None
     strict_model_name: bool
     log_level: str
+    autoscale_interval: float
+
+
+def _worker_bounds(text: str, autoscale: bool) -> tuple[int, int]:
+    """`N` (a fixed fleet) or `MIN..MAX` (with --autoscale) -> (min, max)."""
+    low, sep, high = text.partition("..")
+    if not (low.isdigit() and (not sep or high.isdigit())):
+        raise click.UsageError(
+            f"--workers: expected a number of local workers, MIN..MAX with --autoscale (or "
+            f"--role router with HOST:PORT addresses), got {text!r}"
+        )
+    bounds = (int(low), int(high) if sep else int(low))
+    if bounds[0] < 1 or bounds[1] < bounds[0]:
+        raise click.UsageError(
+            f"--workers: need 1 <= MIN <= MAX (the autoscaler never scales to zero), got {text!r}"
+        )
+    if sep and not autoscale:
+        raise click.UsageError(f"--workers {text}: a range needs --autoscale")
+    if autoscale and not sep:
+        raise click.UsageError(f"--autoscale needs --workers MIN..MAX, got {text!r}")
+    return bounds
 
 
 def _router_service(spec, config: Path, workers: str, options: RouterCLIOptions) -> Any:  # type: ignore[no-untyped-def]
@@ -247,12 +289,31 @@ def _serve_router(
     workers: str,
     options: RouterCLIOptions,
     on_stop: Callable[[], None] | None = None,
+    fleet: Any = None,
+    bounds: tuple[int, int] | None = None,
 ) -> None:  # type: ignore[no-untyped-def]
+    """The router; with `fleet` and `bounds` its planner also starts and retires the fleet's
+    workers (otherwise it only reports what it would do)."""
     import uvicorn
 
+    from bisllm_server.autoscaler.local import LocalActuator
+    from bisllm_server.autoscaler.planner import attach_planner
+    from bisllm_server.autoscaler.policy import Autoscaler, AutoscalerSettings
     from bisllm_server.router.app import create_router_app
 
+    # The router's own decisions (workers joining, leaving, scaling) in the process log.
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.getLogger("bisllm").setLevel(options.log_level.upper())
     service = _router_service(spec, config, workers, options)
+    overrides = {} if bounds is None else {"min_replica": bounds[0], "max_replica": bounds[1]}
+    settings = AutoscalerSettings.from_spec(spec.autoscaling, **overrides)
+    running = len(workers.split(","))
+    attach_planner(
+        service,
+        Autoscaler(settings, initial_replicas=running),
+        interval_s=options.autoscale_interval,
+        actuator=None if bounds is None else LocalActuator(fleet, service),
+    )
     click.echo(
         f"router ({options.policy}) for {workers} on {options.host}:{options.port}", err=True
     )
@@ -261,19 +322,32 @@ def _serve_router(
 
 
 def _serve_fleet(
-    spec, config: Path, count: int, extra: list[str], options: RouterCLIOptions
+    spec,
+    config: Path,
+    bounds: tuple[int, int],
+    autoscale: bool,
+    extra: list[str],
+    options: RouterCLIOptions,
 ) -> None:  # type: ignore[no-untyped-def]
     from bisllm_server.router.fleet import WorkerFleet, worker_command
 
     env = dict(os.environ)
     if options.api_key:
         env["BISLLM_API_KEY"] = options.api_key
-    fleet = WorkerFleet(count, worker_command(str(config), extra), env=env)
+    fleet = WorkerFleet(bounds[0], worker_command(str(config), extra), env=env, max_count=bounds[1])
     fleet.start()
     try:
         # The workers stop inside the router's graceful shutdown: after it, uvicorn re-raises
         # SIGTERM, which ends this process before any `finally` here could run.
-        _serve_router(spec, config, ",".join(fleet.addresses), options, on_stop=fleet.stop)
+        _serve_router(
+            spec,
+            config,
+            ",".join(fleet.addresses),
+            options,
+            on_stop=fleet.stop,
+            fleet=fleet if autoscale else None,
+            bounds=bounds if autoscale else None,
+        )
     finally:
         fleet.stop()  # start-up failures and Ctrl-C
 

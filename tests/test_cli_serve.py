@@ -78,10 +78,27 @@ def test_router_role_needs_worker_addresses() -> None:
 
 
 def test_local_workers_are_a_count() -> None:
-    for bad in ("w:8000", "0"):
+    for bad in ("w:8000", "1..x", "..2"):
         result = CliRunner().invoke(main, ["serve", str(EXAMPLE), "--workers", bad])
         assert result.exit_code == 2
         assert "--workers: expected a number of local workers" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--workers", "0"], "need 1 <= MIN <= MAX"),
+        (["--workers", "3..2", "--autoscale"], "need 1 <= MIN <= MAX"),
+        (["--workers", "0..2", "--autoscale"], "never scales to zero"),
+        (["--workers", "1..3"], "--workers 1..3: a range needs --autoscale"),
+        (["--workers", "2", "--autoscale"], "--autoscale needs --workers MIN..MAX"),
+        (["--role", "router", "--workers", "w:8000", "--autoscale"], "KEDA ScaledObject"),
+    ],
+)
+def test_autoscale_options_are_checked(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, ["serve", str(EXAMPLE), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
 
 
 def test_missing_weights_name_where_they_were_looked_for() -> None:

@@ -261,6 +261,18 @@ def test_in_flight_tokens_count_uncached_prefill_and_full_decode_sequences():
     assert engine.stats.in_flight_tokens == 14 + 20
 
 
+def test_in_flight_tokens_count_queued_prompts():
+    engine = make_engine(max_batch_size=1)
+    engine.add_request(list(range(1, 13)), greedy(3, ignore_eos=True), request_id="running")
+    engine.add_request(list(range(20, 27)), greedy(3, ignore_eos=True), request_id="queued")
+    engine.step()  # one row: "running" prefills and samples its first token
+    assert engine.scheduler.num_unfinished == 2 and len(engine.scheduler.waiting) == 1
+    assert engine.stats.in_flight_tokens == 13 + 7
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.stats.in_flight_tokens == 0
+
+
 def test_request_validation_names_the_field():
     engine = make_engine(num_kv_pages=4)
     with pytest.raises(RequestError, match="prompt: must contain"):

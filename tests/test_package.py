@@ -15,6 +15,7 @@ import configparser
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -885,3 +886,103 @@ def test_push_reports_truss_failure(tmp_path: Path, push_env: dict[str, str | No
     assert "status 3" in result.stderr
     assert (bin_dir / "argv").read_text().splitlines()[2:] == ["--publish"]
     assert os.listdir(tmp_path / "scratch") == []
+
+
+# --------------------------------------------------------------------------------------------
+# the ScaledObject scales down like `bisllm serve --autoscale`
+
+
+class EmulatedHPA:
+    """The HPA's scale-down rules for one `behavior.scaleDown` block, evaluated at each sync
+    (k8s docs): the recommendation is the highest of the stabilisation window; each policy
+    limits the drop relative to the replicas at the start of its period (Percent: keep
+    ceil(n·(1 - p/100)); Pods: n - v); with selectPolicy Max the most permissive limit wins."""
+
+    def __init__(self, down: dict[str, Any], replicas: int) -> None:
+        assert down.get("selectPolicy", "Max") == "Max"
+        self.down = down
+        self.replicas = replicas
+        self.changes: list[tuple[float, int]] = []  # (time, replicas removed)
+
+    def sync(self, now: float, recommendation: int) -> int:
+        limits = []
+        for policy in self.down["policies"]:
+            since = now - policy["periodSeconds"]
+            start = self.replicas + sum(n for t, n in self.changes if t > since)
+            if policy["type"] == "Percent":
+                limits.append(math.ceil(start * (1 - policy["value"] / 100)))
+            else:
+                limits.append(start - policy["value"])
+        target = max(recommendation, min(limits))
+        if target < self.replicas:
+            self.changes.append((now, self.replicas - target))
+            self.replicas = target
+        return self.replicas
+
+
+def _packaged_scale_down(tmp_path: Path, extra: str) -> tuple[dict[str, Any], DeploymentSpec]:
+    text = (
+        SMALL_CONFIG
+        + "autoscaling_settings:\n  min_replica: 1\n  max_replica: 40\n  scale_down_delay: 300\n"
+        + extra
+    )
+    config = write_config(tmp_path / "config.yaml", text)
+    out = tmp_path / "out"
+    result = package(config, "-o", out, "--target", "k8s")
+    assert result.exit_code == 0, result.output
+    scaled = only(k8s_documents(out), "ScaledObject")
+    assert keda_errors(scaled) == []
+    spec = validate_file(config).spec
+    assert spec is not None
+    down = scaled["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert down["stabilizationWindowSeconds"] == spec.autoscaling.scale_down_delay
+    return down, spec
+
+
+def _idle_local_policy(spec: DeploymentSpec, replicas: int):  # type: ignore[no-untyped-def]
+    from bisllm_server.autoscaler.policy import Autoscaler, AutoscalerSettings, LoadSample
+
+    scaler = Autoscaler(AutoscalerSettings.from_spec(spec.autoscaling, window_s=1.0), replicas)
+
+    def at(now: float) -> int:
+        scaler.observe(LoadSample(now, 0, 0, scaler.current))
+        return scaler.decide(now).rounded_desired_scale
+
+    return at
+
+
+@pytest.mark.parametrize("rate", [20, 50, 33])
+def test_keda_rate_scale_down_matches_the_local_policy(tmp_path: Path, rate: float) -> None:
+    """Idle from n replicas: the HPA's first step down and the local policy's are the same
+    (whole percents: the HPA takes no fraction, so a fractional rate is rounded up for it)."""
+    down, spec = _packaged_scale_down(tmp_path, f"  max_scale_down_rate: {rate}\n")
+    for replicas in range(2, 41):
+        local = _idle_local_policy(spec, replicas)
+        local(0.0)
+        hpa = EmulatedHPA(down, replicas)
+        assert local(300.0) == hpa.sync(300.0, 1), f"from {replicas} replicas"
+
+
+def test_keda_half_life_scale_down_tracks_the_local_decay(tmp_path: Path) -> None:
+    """The HPA cannot decay exponentially; its percent-per-period plus one replica per
+    half-life stays within a replica or 20% of the local curve, and both halve in about one
+    half-life."""
+    half_life = 900
+    down, spec = _packaged_scale_down(
+        tmp_path,
+        f"llm_config:\n  b10_autoscaling_config:\n    scale_down_half_life_seconds: {half_life}\n",
+    )
+    local = _idle_local_policy(spec, 16)
+    hpa = EmulatedHPA(down, 16)
+    halved: dict[str, float] = {}
+    for step in range(0, 4 * 3600 // 15):
+        now = step * 15.0  # the HPA's sync period
+        counts = {"local": local(now), "hpa": hpa.sync(now, 1) if now else 16}
+        for name, count in counts.items():
+            if count <= 8:
+                halved.setdefault(name, now)
+        gap = abs(counts["local"] - counts["hpa"])
+        assert gap <= max(1, 0.2 * counts["local"]), f"at {now} s: {counts}"
+    assert counts == {"local": 1, "hpa": 1}
+    for name, when in halved.items():
+        assert half_life - 300 <= when <= half_life + 600, f"{name} halved at {when} s"

@@ -358,3 +358,23 @@ def test_the_fast_cost_loop_agrees_with_the_terms() -> None:
             terms = cost_terms(config, load, prompt_tokens=prompt, overlap_blocks=overlaps[name],
                                block_size=B, affinity=name == "w1")  # fmt: skip
             assert fast[name] == pytest.approx(terms.cost)
+
+
+def test_pool_load_sums_up_workers_and_the_router_queue() -> None:
+    """The autoscaling signal: each worker's larger of routed and reported load, draining ones
+    included and down ones not, plus the prompts queued in the router."""
+    router = make_router(workers=4)
+    router.workers["w0"].load.pending_prefill_tokens = 100  # routed here, not reported yet
+    router.workers["w0"].load.active_requests = 1
+    router.workers["w1"].load.reported_in_flight_tokens = 700  # traffic the router did not send
+    router.workers["w1"].load.reported_requests = 3
+    router.set_status("w2", "draining")
+    router.workers["w2"].load.decode_tokens = 50
+    router.workers["w2"].load.active_requests = 1
+    router.set_status("w3", "down")
+    router.workers["w3"].load.reported_in_flight_tokens = 10_000
+    router.enqueue(request("queued", list(range(40))))
+    assert router.pool_load() == (100 + 700 + 50 + 40, 1 + 3 + 1 + 1, 2)
+    # A pool of some workers only (disaggregation scales prefill and decode apart); the
+    # router's queue belongs to every pool.
+    assert router.pool_load(lambda name: name in {"w1", "w2"}) == (700 + 50 + 40, 3 + 1 + 1, 1)

@@ -184,18 +184,23 @@ def _docker_context(
     return files
 
 
-def _scale_down_step(spec: DeploymentSpec) -> tuple[int, int]:
-    """(percent, period seconds) of the gradual scale-down policy handed to the HPA."""
+def _scale_down_step(spec: DeploymentSpec) -> tuple[int, int, int]:
+    """The gradual scale-down handed to the HPA: (percent, its period, the period of the
+    one-replica policy). The HPA rounds a percentage step up to whole replicas kept, so on its
+    own 20% of 4 replicas removes none; the one-replica policy (selectPolicy Max) guarantees
+    progress, as the local policy's "at least one per step" does."""
     scaling = spec.autoscaling
     # The HPA accepts policy periods of 1 s to 30 min.
     period = min(max(scaling.scale_down_delay, 15), 1800)
     if scaling.scale_down_policy == "half_life":
-        assert scaling.scale_down_half_life_seconds is not None
-        # Removing this share every `period` halves the replica count once per half-life.
-        share = 1 - 0.5 ** (period / scaling.scale_down_half_life_seconds)
-        return max(1, math.ceil(share * 100)), period
+        half_life = scaling.scale_down_half_life_seconds
+        assert half_life is not None
+        # Removing this share every `period` halves the replica count once per half-life; a
+        # strict exponential takes one half-life to go from 2 replicas to 1.
+        share = 1 - 0.5 ** (period / half_life)
+        return max(1, math.ceil(share * 100)), period, min(max(half_life, period), 1800)
     assert scaling.max_scale_down_rate is not None
-    return max(1, math.ceil(scaling.max_scale_down_rate)), period
+    return max(1, math.ceil(scaling.max_scale_down_rate)), period, period
 
 
 def _kubernetes(
@@ -223,7 +228,7 @@ def _kubernetes(
     env_list = [{"name": k, "value": v} for k, v in sorted(spec.environment_variables.items())]
     env_list.append({"name": "BISLLM_SPEC", "value": "/etc/bisllm/spec.json"})
     window = spec.autoscaling.autoscaling_window
-    percent, period = _scale_down_step(spec)
+    percent, period, single_period = _scale_down_step(spec)
     values = {
         **context,
         "names": names,
@@ -244,6 +249,7 @@ def _kubernetes(
         ),
         "scale_down_percent": percent,
         "scale_down_period": period,
+        "single_replica_period": single_period,
     }
     return {
         f"k8s/{name}.yaml": env.get_template(f"k8s/{name}.yaml.jinja").render(**values).encode()

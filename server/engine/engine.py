@@ -468,12 +468,18 @@ class LLMEngine:
         schedule_seconds: float,
         forward_seconds: float,
     ) -> EngineStats:
+        # The autoscaling signal: uncached prompt tokens still to prefill plus the whole
+        # sequence of every decoding request. Queued requests count too (their prompt, less
+        # what an earlier admission found cached): a saturated worker's queue is load the
+        # autoscaler must see, or it would never scale past the batch it can run.
         in_flight = 0
         for req in self.scheduler.running:
             if req.is_decoding:
                 in_flight += req.seq_len
             else:
                 in_flight += req.seq_len - req.prefill_hit
+        for req in self.scheduler.waiting:
+            in_flight += req.seq_len - req.prefill_hit
         self._totals["cached"] += batch.cached_tokens
         cached_pages = self.cache.cached_pages if self.cache is not None else 0
         evictable = self.cache.evictable_pages if self.cache is not None else 0

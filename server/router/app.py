@@ -5,6 +5,7 @@ GET  /v1/models; POST /tokenize, /detokenize  answered by any ready worker
 GET  /health                                  200 while at least one worker is ready
 GET  /metrics                                 kv_cache_*, decision latency, per-worker load
 GET  /router/workers, /router/stats           the index and load per worker; hit-rate totals
+GET  /router/autoscaler                       the planner's last decision and the replicas
 POST /router/workers/{address}/drain|undrain  take a worker out of rotation and back
 POST /router/snapshot                         write the index snapshot now
 """
@@ -138,6 +139,10 @@ def create_router_app(
             "queue_depth": service.router.queue_depth,
             "policy": service.config.policy,
         }
+
+    @app.get("/router/autoscaler")
+    async def autoscaler() -> dict[str, Any]:
+        return {"pools": [companion.report() for companion in service.companions]}
 
     async def _drain(address: str, drained: bool) -> dict[str, Any]:
         if not service.drain(address, drained):

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from bisllm_server.router.config import RouterConfig
 from bisllm_server.router.index import KVIndex
@@ -73,6 +73,16 @@ class Decision:
     @property
     def best_cached_tokens(self) -> int:
         return min(self.prompt_tokens, self.best_overlap_blocks * self.block_size)
+
+
+class PoolLoad(NamedTuple):
+    """Load summed over the workers that are up (ready or draining), each counted as the larger
+    of the router's own bookkeeping and the worker's last report, plus the prompts waiting in
+    the router's queue: work the pool owes whether or not a worker has taken it yet."""
+
+    in_flight_tokens: int
+    requests: int
+    ready_workers: int
 
 
 @dataclass
@@ -265,6 +275,21 @@ class Router:
         else:
             key = ()
         heapq.heappush(self._queue, (key, next(self._queue_seq), request))
+
+    def pool_load(self, pool: Callable[[str], bool] | None = None) -> PoolLoad:
+        """The autoscaling signal of the workers this router knows (see `PoolLoad`), or of
+        those `pool` accepts by name (disaggregated prefill and decode pools scale apart)."""
+        tokens = requests = ready = 0
+        for name, info in self.workers.items():
+            if info.status == "down" or (pool is not None and not pool(name)):
+                continue  # unreachable: what it holds is unknown, and it serves nothing new
+            tokens += info.load.in_flight_tokens
+            requests += info.load.requests
+            ready += info.status == "ready"
+        for _, _, queued in self._queue:
+            tokens += queued.prompt_tokens
+            requests += 1
+        return PoolLoad(tokens, requests, ready)
 
     @property
     def queue_depth(self) -> int:

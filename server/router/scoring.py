@@ -34,11 +34,16 @@ class WorkerLoad:
     pending_prefill_tokens: int = 0  # uncached prompt tokens of requests without a first token
     decode_tokens: int = 0  # KV tokens of requests past their first token
     reported_in_flight_tokens: int = 0  # the worker's own in_flight_tokens, from its load report
+    reported_requests: int = 0  # the worker's running plus queued requests, from the same report
     max_num_tokens: int = 2048  # the worker's per-step token budget (saturation threshold base)
 
     @property
     def in_flight_tokens(self) -> int:
         return max(self.pending_prefill_tokens + self.decode_tokens, self.reported_in_flight_tokens)
+
+    @property
+    def requests(self) -> int:
+        return max(self.active_requests, self.reported_requests)
 
 
 class CostTerms(NamedTuple):  # a tuple: built for every worker on every request

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -71,6 +71,7 @@ class RouterService:
     ) -> None:
         self.config = config
         self.options = options
+        # Replaced, never changed in place: `_resync` tells a stale resolution by identity.
         self.targets = parse_workers(options.workers)
         self.router = Router(config)
         self.metrics = RouterMetrics(self.router, options.served_model_name)
@@ -83,6 +84,8 @@ class RouterService:
         self._tasks: list[asyncio.Task] = []
         self._restored: dict[str, snapshot.WorkerSnapshot] = {}
         self._stopping: set[asyncio.Task] = set()  # links being stopped (kept referenced)
+        # Started after the workers are known and stopped first (the autoscaler's planner).
+        self.companions: list[Companion] = []
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -100,8 +103,12 @@ class RouterService:
         self._tasks = [asyncio.create_task(self._discover(), name="router discovery")]
         if self.options.snapshot_path is not None:
             self._tasks.append(asyncio.create_task(self._snapshots(), name="router snapshots"))
+        for companion in self.companions:
+            await companion.start()
 
     async def stop(self) -> None:
+        for companion in reversed(self.companions):
+            await companion.stop()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -133,8 +140,7 @@ class RouterService:
     async def _discover(self) -> None:
         while True:
             await asyncio.sleep(self.options.discovery_interval_s)  # a polling period
-            addresses = await asyncio.to_thread(resolve_workers, self.targets)
-            self._sync_workers(addresses)
+            await self._resync()
 
     def _sync_workers(self, addresses: list[str]) -> None:
         assert self.client is not None
@@ -170,6 +176,29 @@ class RouterService:
             task.add_done_callback(self._stopping.discard)
             self.router.remove_worker(address)
             log.info("worker %s left", address)
+
+    async def add_worker(self, address: str) -> None:
+        """Follow and route to one more worker (HOST:PORT), as if --workers had named it."""
+        new = [t for t in parse_workers(address) if t not in self.targets]
+        self.targets = self.targets + new
+        await self._resync()
+
+    async def remove_worker(self, address: str) -> None:
+        """Stop following a worker the router was told about with `add_worker` or --workers."""
+        gone = set(parse_workers(address))
+        self.targets = [t for t in self.targets if t not in gone]
+        await self._resync()
+
+    async def _resync(self) -> None:
+        """Follow exactly the workers the targets name now. Resolving happens off the loop, so
+        the targets may change meanwhile; an answer for targets that are no longer current is
+        dropped (it would undo that change) and the resolution is done again."""
+        while True:
+            targets = self.targets
+            addresses = await asyncio.to_thread(resolve_workers, targets)
+            if targets is self.targets:
+                self._sync_workers(addresses)
+                return
 
     async def _snapshots(self) -> None:
         while True:
@@ -471,6 +500,16 @@ class RouterService:
                 response.headers.get("content-type", "application/json"),
             )
         raise APIError(503, "no worker is ready", code="no_worker_available")
+
+
+class Companion(Protocol):
+    """A task that lives as long as the router (the autoscaler's planner)."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def report(self) -> dict[str, Any]: ...
 
 
 class _Lease:

@@ -202,6 +202,9 @@ class WorkerLink:
             info = self.router.workers.get(self.address)
             if info is not None:
                 info.load.reported_in_flight_tokens = int(message.get("in_flight_tokens", 0))
+                info.load.reported_requests = int(message.get("num_running", 0)) + int(
+                    message.get("num_waiting", 0)
+                )
                 info.load.max_num_tokens = int(
                     message.get("max_num_tokens", info.load.max_num_tokens)
                 )
