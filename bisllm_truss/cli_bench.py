@@ -247,8 +247,14 @@ _TARGETS = autoscale_sim.DEFAULT_TARGETS
     help="Worker profile JSON (default: the embedded model measured on a 2-core CPU, "
     "benchmarks/calibrate_worker.py).",
 )
-@click.option("--min-replica", type=int, default=_SCALER.min_replica, show_default=True)
-@click.option("--max-replica", type=int, default=32, show_default=True)
+@click.option(
+    "--min-replica",
+    type=click.IntRange(min=1),
+    default=_SCALER.min_replica,
+    show_default=True,
+    help="Fewest replicas (no scale to zero).",
+)
+@click.option("--max-replica", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
     "--initial-replicas",
     type=int,
@@ -257,54 +263,54 @@ _TARGETS = autoscale_sim.DEFAULT_TARGETS
 )
 @click.option(
     "--window",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=_SCALER.window_s,
     show_default=True,
     help="Seconds of load averaged per decision (autoscaling_window).",
 )
 @click.option(
     "--scale-down-delay",
-    type=float,
+    type=click.FloatRange(min=0),
     default=_SCALER.scale_down_delay_s,
     show_default=True,
     help="Seconds the load must stay low before a scale-down, and between scale-downs.",
 )
 @click.option(
     "--max-scale-down-rate",
-    type=float,
+    type=click.FloatRange(min=0, max=100, min_open=True),
     default=None,
     help=f"Percent of the replicas one scale-down may remove (default "
     f"{_SCALER.max_scale_down_rate:g}); not with --half-life.",
 )
 @click.option(
     "--half-life",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=None,
     help="Scale down by exponential decay with this half-life in seconds instead.",
 )
 @click.option(
     "--tick",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=autoscale_sim.DEFAULT_TICK_S,
     show_default=True,
     help="Seconds between autoscaler decisions.",
 )
 @click.option(
     "--startup-s",
-    type=float,
+    type=click.FloatRange(min=0),
     default=None,
     help="Seconds from starting a replica to its first request (default: the profile's).",
 )
 @click.option(
     "--ttft-slo",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=autoscale_sim.DEFAULT_TTFT_SLO_S,
     show_default=True,
     help="Time-to-first-token SLO in seconds.",
 )
 @click.option(
     "--tpot-slo",
-    type=float,
+    type=click.FloatRange(min=0, min_open=True),
     default=autoscale_sim.DEFAULT_TPOT_SLO_S,
     show_default=True,
     help="Time-per-output-token SLO in seconds (also sizes the oracle's replica capacity).",
@@ -331,20 +337,6 @@ def autoscaler(
     tpot_slo: float,
 ) -> None:
     """Replay a request trace through simulated workers and the autoscaler (virtual time)."""
-    for name, value, low in (
-        ("--tick", tick, 0.0),
-        ("--ttft-slo", ttft_slo, 0.0),
-        ("--tpot-slo", tpot_slo, 0.0),
-        ("--window", window, 0.0),
-    ):
-        if not value > low:
-            fail(f"{name} must be > 0, got {value:g}")
-    if scale_down_delay < 0:
-        fail(f"--scale-down-delay must be >= 0, got {scale_down_delay:g}")
-    if startup_s is not None and not startup_s >= 0:
-        fail(f"--startup-s must be >= 0, got {startup_s:g}")
-    if min_replica < 1:
-        fail(f"--min-replica must be >= 1 (no scale to zero), got {min_replica}")
     if max_replica < min_replica:
         fail(f"--max-replica ({max_replica}) must be >= --min-replica ({min_replica})")
     if initial_replicas is not None and not min_replica <= initial_replicas <= max_replica:
@@ -354,10 +346,6 @@ def autoscaler(
         )
     if max_scale_down_rate is not None and half_life is not None:
         fail("--max-scale-down-rate and --half-life exclude each other; give one")
-    if max_scale_down_rate is not None and not 0 < max_scale_down_rate <= 100:
-        fail(f"--max-scale-down-rate must be in (0, 100], got {max_scale_down_rate:g}")
-    if half_life is not None and not half_life > 0:
-        fail(f"--half-life must be > 0, got {half_life:g}")
     settings = AutoscalerSettings(
         min_replica=min_replica,
         max_replica=max_replica,

@@ -274,10 +274,27 @@ def test_cli_json_last_line(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["--min-replica", "0"], "Invalid value for '--min-replica'"),
+        (["--tick", "0"], "Invalid value for '--tick'"),
+        (["--max-scale-down-rate", "120"], "Invalid value for '--max-scale-down-rate'"),
+        (["--half-life", "-1"], "Invalid value for '--half-life'"),
+    ],
+)
+def test_cli_out_of_range_options_are_usage_errors(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    result = CliRunner().invoke(
+        main, ["bench", "autoscaler", "--trace", str(_trace_file(tmp_path)), *args]
+    )
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
         (["--max-scale-down-rate", "10", "--half-life", "600"], "--half-life exclude each other"),
         (["--min-replica", "3", "--max-replica", "2"], "--max-replica (2) must be >="),
-        (["--min-replica", "0"], "--min-replica must be >= 1"),
-        (["--tick", "0"], "--tick must be > 0"),
         (["--initial-replicas", "9", "--max-replica", "4"], "--initial-replicas must be within"),
         (["--profile", "PROFILE"], "--profile: "),
     ],
