@@ -318,29 +318,6 @@ def test_async_engine_streams_and_cancellation_frees_kv():
     assert engine.allocator.num_free == engine.num_kv_pages
 
 
-def test_rollback_forgets_kv_past_the_new_end():
-    """What speculative decoding needs: drop the last tokens (rejected drafts) with their KV,
-    free the pages past the new end, and continue exactly as if they never existed."""
-    engine = make_engine(page_size=4)
-    prompt = list(range(1, 11))
-    expected = engine.generate([prompt], greedy(20, ignore_eos=True))[0].token_ids
-    engine.reset_prefix_cache()
-    engine.add_request(prompt, greedy(20, ignore_eos=True), request_id="spec")
-    for _ in range(12):
-        engine.step()
-    req = engine._requests["spec"]
-    assert req.num_output_tokens == 12
-    pages_before = len(req.pages)
-    engine.scheduler.rollback(req, 7)  # back to 5 output tokens: 15 tokens, 4 pages
-    assert req.num_output_tokens == 5 and req.num_computed == 14
-    assert len(req.pages) == 4 < pages_before
-    assert_pages_accounted(engine)
-    assert run_all(engine)["spec"] == expected[5:]
-    assert req.output_ids == expected
-    with pytest.raises(ValueError, match="cannot roll back"):
-        engine.scheduler.rollback(req, 1)  # finished: its pages are gone, nothing to keep
-
-
 def test_generate_with_one_bad_prompt_queues_nothing():
     engine = make_engine()
     with pytest.raises(RequestError, match="outside the vocabulary"):

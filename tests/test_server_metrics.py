@@ -75,6 +75,9 @@ STATS = EngineStats(
     cached_tokens_total=100,
     num_retractions_total=0,
     num_finished_total=4,
+    spec_draft_tokens_total=40,
+    spec_accepted_tokens_total=30,
+    spec_verify_steps_total=12,
     step_seconds=0.02,
     schedule_seconds=0.001,
     forward_seconds=0.015,
@@ -251,6 +254,7 @@ def test_update_engine_sets_the_gauges() -> None:
     # 60 used pages, 20 of them evictable prefix cache: 40 of 100 are held.
     assert value(metrics, "bisllm_kv_cache_usage") == pytest.approx(0.4)
     assert value(metrics, "bisllm_prefix_cache_hit_rate") == pytest.approx(0.25)
+    assert value(metrics, "speculation_rate") == pytest.approx(0.75)  # 30 of 40 drafts
 
     metrics.update_engine(replace(STATS, num_waiting=0, in_flight_tokens=0))
     assert value(metrics, "bisllm_num_requests_waiting") == 0
@@ -267,10 +271,13 @@ def test_update_engine_before_any_work() -> None:
             kv_pages_evictable=0,
             prompt_tokens_total=0,
             cached_tokens_total=0,
+            spec_draft_tokens_total=0,
+            spec_accepted_tokens_total=0,
         )
     )
     assert value(metrics, "bisllm_kv_cache_usage") == 0
     assert value(metrics, "bisllm_prefix_cache_hit_rate") == 0
+    assert value(metrics, "speculation_rate") == 0
 
 
 def test_in_flight_tokens_answers_the_keda_query(tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ from typing import Literal
 
 SchedulePolicy = Literal["fcfs", "lpm"]
 SCHEDULE_POLICIES: tuple[str, ...] = ("fcfs", "lpm")
+SpeculativeMethod = Literal["ngram"]
+SPECULATIVE_METHODS: tuple[str, ...] = ("ngram",)
 
 
 class EngineConfigError(ValueError):
@@ -37,6 +39,13 @@ class EngineConfig:
     # On CPU, run decode attention and small-batch experts in the compiled C++ kernels
     # (built on first use; the PyTorch paths stay when the build is impossible).
     cpu_kernels: bool = True
+    # Speculative decoding: "ngram" drafts up to `num_draft_tokens` tokens per step from the
+    # request's own tokens (suffix lookup, `ngram_min`..`ngram_max` tokens long) and verifies
+    # them in the same forward. None: off.
+    speculative_method: SpeculativeMethod | None = None
+    num_draft_tokens: int = 4
+    ngram_min: int = 1
+    ngram_max: int = 4
 
     def validate(self) -> None:
         positive = {
@@ -56,6 +65,20 @@ class EngineConfig:
             raise EngineConfigError(
                 f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction!r}"
             )
+        if self.speculative_method is not None:
+            if self.speculative_method not in SPECULATIVE_METHODS:
+                raise EngineConfigError(
+                    f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)} or "
+                    f"None, got {self.speculative_method!r}"
+                )
+            for name in ("num_draft_tokens", "ngram_min", "ngram_max"):
+                value = getattr(self, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise EngineConfigError(f"{name} must be a positive integer, got {value!r}")
+            if self.ngram_min > self.ngram_max:
+                raise EngineConfigError(
+                    f"ngram_min ({self.ngram_min}) must be <= ngram_max ({self.ngram_max})"
+                )
         if self.schedule_policy not in SCHEDULE_POLICIES:
             raise EngineConfigError(
                 f"schedule_policy must be one of {', '.join(SCHEDULE_POLICIES)}, "

@@ -34,8 +34,10 @@ from bisllm_server.engine.sampling import (
     Sampler,
     SamplingParams,
     SamplingRow,
+    unedited,
 )
 from bisllm_server.engine.scheduler import ScheduledBatch, Scheduler
+from bisllm_server.engine.speculative.ngram import NGramProposer
 from bisllm_server.engine.stats import EngineStats
 from bisllm_server.kv_events import KVEventPublisher
 
@@ -135,6 +137,12 @@ class LLMEngine:
             device=self.device,
         )
         self.sampler = Sampler(seed=config.seed)
+        self.proposer = (
+            NGramProposer(config.num_draft_tokens, config.ngram_min, config.ngram_max)
+            if config.speculative_method == "ngram"
+            else None
+        )
+        self._spec = {"drafted": 0, "accepted": 0, "verified": 0}
 
         self._requests: dict[str, Request] = {}
         # Finished requests that `generate` waits for; streaming callers only get the deltas.
@@ -183,26 +191,43 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
         outputs = self._drain_inbox()
+        drafted = self._propose_drafts()
         batch = self.scheduler.schedule()
+        self._fit_drafts(batch, drafted)
         decode_tokens = sum(n for req, n in batch.items if req.is_decoding)
         schedule_seconds = forward_seconds = 0.0
         if batch:
-            fb, sampled = self.runner.prepare(batch)
+            fb, sampled, spans = self.runner.prepare(batch)
             forward_start = time.perf_counter()
             schedule_seconds = forward_start - start
             logits = self.runner.forward(fb)
             forward_seconds = time.perf_counter() - forward_start
-            rows = [self._sampling_row(batch.items[i][0]) for i in sampled]
+            # Requests verifying drafts own several logits rows; the rest one each.
+            verifying: list[tuple[Request, torch.Tensor]] = []
+            plain: list[int] = []
+            plain_rows: list[int] = []
+            row = 0
+            for i, span in zip(sampled, spans, strict=True):
+                req = batch.items[i][0]
+                if req.num_draft:
+                    verifying.append((req, logits[row : row + span]))
+                else:
+                    plain.append(i)
+                    plain_rows.append(row)
+                row += span
+            if verifying:
+                logits = logits[torch.tensor(plain_rows, dtype=torch.long, device=logits.device)]
+            rows = [self._sampling_row(batch.items[i][0]) for i in plain]
             result, dead = self._sample(logits, rows)
             self.scheduler.after_forward(batch)
             for j in dead:
-                req = batch.items[sampled[j]][0]
+                req = batch.items[plain[j]][0]
                 req.finish_reason, req.stop_reason = "abort", "no token allowed by its constraints"
                 self._finish(req)
                 outputs.append(self._output(req, 0, ""))
-            sampled = [i for j, i in enumerate(sampled) if j not in dead]
+            plain = [i for j, i in enumerate(plain) if j not in dead]
             if result is not None:
-                for slot, i in enumerate(sampled):
+                for slot, i in enumerate(plain):
                     req = batch.items[i][0]
                     outputs.append(
                         self._append_token(
@@ -212,10 +237,80 @@ class LLMEngine:
                             result.top_logprobs[slot],
                         )
                     )
+            for req, draft_logits in verifying:
+                outputs.extend(self._verify(req, draft_logits))
         self._step += 1
         self.stats = self._snapshot(
             batch, decode_tokens, time.perf_counter() - start, schedule_seconds, forward_seconds
         )
+        return outputs
+
+    # -- speculative decoding -------------------------------------------------------------
+
+    def _speculates(self, req: Request) -> bool:
+        """Verification needs each position's next-token distribution from its logits alone:
+        requests without penalties, logits processors, banned tokens or logprobs (greedy or
+        sampled). Others in the same batch decode one token at a time."""
+        return req.is_decoding and unedited(self._sampling_row(req))
+
+    def _propose_drafts(self) -> list[Request]:
+        """Append drafts to the decoding requests that speculate (removed again this step)."""
+        if self.proposer is None:
+            return []
+        drafted = []
+        for req in self.scheduler.running:
+            if not self._speculates(req):
+                continue
+            # A step yields the accepted drafts plus one token: stay within max_tokens and
+            # max_seq_len even when every draft is accepted.
+            room = min(
+                req.params.max_tokens - req.num_output_tokens, self.max_seq_len - req.seq_len
+            )
+            draft = self.proposer.propose(req.token_ids, room - 1)
+            if draft:
+                req.token_ids.extend(draft)
+                req.num_draft = len(draft)
+                drafted.append(req)
+        return drafted
+
+    def _fit_drafts(self, batch: ScheduledBatch, drafted: list[Request]) -> None:
+        """Drop the drafts the scheduler did not give room to: all of them for a request left
+        out of the batch (or retracted), the tail for one whose chunk was cut by the budget."""
+        if not drafted:
+            return
+        scheduled = {id(req): n for req, n in batch.items}
+        for req in drafted:
+            keep = min(req.num_draft, scheduled.get(id(req), 1) - 1)
+            if keep < req.num_draft:
+                del req.token_ids[len(req.token_ids) - (req.num_draft - keep) :]
+                req.num_draft = keep
+
+    def _verify(self, req: Request, logits: torch.Tensor) -> list[RequestOutput]:
+        """Row i of `logits` is the target's next-token distribution after the request's i-th
+        uncomputed token (its last real token, then each draft); the sampler decides which
+        drafts stand and the token after them (`Sampler.verify_drafts`). Rejected drafts leave
+        `token_ids`, and the pages only they needed go back to the pool."""
+        k = req.num_draft
+        base = req.seq_len - k
+        drafts = req.token_ids[base:]
+        predicted = self.sampler.verify_drafts(logits, drafts, self._sampling_row(req))
+        accepted = len(predicted) - 1
+        del req.token_ids[base:]
+        req.num_draft = 0
+        req.num_computed = base  # through the last real token; accepted drafts follow
+        req.num_draft_tokens += k
+        req.num_accepted_tokens += accepted
+        self._spec["drafted"] += k
+        self._spec["accepted"] += accepted
+        self._spec["verified"] += 1
+        outputs = []
+        for i, token in enumerate(predicted):
+            if i:
+                req.num_computed += 1  # the previous token is an accepted draft: K/V is valid
+            outputs.append(self._append_token(req, token, None, None))
+            if req.finished:
+                return outputs
+        self.scheduler.trim_pages(req)
         return outputs
 
     def _sample(
@@ -287,6 +382,8 @@ class LLMEngine:
                     num_cached_tokens=req.num_cached_tokens,
                     logprobs=req.logprobs,
                     top_logprobs=req.top_logprobs,
+                    num_draft_tokens=req.num_draft_tokens,
+                    num_accepted_tokens=req.num_accepted_tokens,
                 )
             )
         return results
@@ -503,6 +600,9 @@ class LLMEngine:
             cached_tokens_total=self._totals["cached"],
             num_retractions_total=self.scheduler.num_retractions,
             num_finished_total=self._totals["finished"],
+            spec_draft_tokens_total=self._spec["drafted"],
+            spec_accepted_tokens_total=self._spec["accepted"],
+            spec_verify_steps_total=self._spec["verified"],
             step_seconds=seconds,
             schedule_seconds=schedule_seconds,
             forward_seconds=forward_seconds,

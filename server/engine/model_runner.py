@@ -37,13 +37,16 @@ class ModelRunner:
         self.page_table = torch.zeros(max_rows, max_pages_per_seq, dtype=torch.int64)
         self._arange = torch.arange(max_pages_per_seq * page_size, dtype=torch.int64)
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[ForwardBatch, list[int]]:
-        """Build the forward inputs; also returns the item indices whose logits are computed."""
+    def prepare(self, batch: ScheduledBatch) -> tuple[ForwardBatch, list[int], list[int]]:
+        """Build the forward inputs; also returns the item indices whose logits are computed
+        and, for each, how many logits rows it gets: 1, or 1 + its drafts for a request whose
+        draft tokens are verified (a row per position, in order)."""
         input_ids: list[int] = []
         query_lens: list[int] = []
         kv_lens: list[int] = []
         rows: list[int] = []
         sampled: list[int] = []
+        spans: list[int] = []
         logits_rows: list[int] = []
         offset = 0
         for i, (req, n) in enumerate(batch.items):
@@ -60,8 +63,10 @@ class ModelRunner:
             rows.append(req.row)
             offset += n
             if batch.samples(req, n):
+                span = 1 + req.num_draft
                 sampled.append(i)
-                logits_rows.append(offset - 1)
+                spans.append(span)
+                logits_rows.extend(range(offset - span, offset))
 
         ps = self.page_size
         q_lens = torch.tensor(query_lens, dtype=torch.int64)
@@ -91,7 +96,7 @@ class ModelRunner:
             kv_slots=kv_slots.to(device, non_blocking=True),
             logits_indices=torch.tensor(logits_rows, dtype=torch.int64).to(device),
         )
-        return fb, sampled
+        return fb, sampled, spans
 
     @torch.inference_mode()
     def forward(self, fb: ForwardBatch) -> torch.Tensor:

@@ -44,6 +44,11 @@ class Request:
     row: int = -1  # row of the runner's page table while running
     num_synced_pages: int = 0  # pages already copied into that row; reset when pages change
     prefill_hit: int = 0  # tokens matched in the prefix cache at the latest admission
+    # Speculative decoding: the last `num_draft` of `token_ids` are unverified draft tokens.
+    # They exist only within one engine step (proposed, scheduled, verified, then removed).
+    num_draft: int = 0
+    num_draft_tokens: int = 0  # drafted for this request so far
+    num_accepted_tokens: int = 0  # of which the target model agreed with
     # reporting
     num_cached_tokens: int = 0  # prefix-cache hit when first admitted
     num_retractions: int = 0
@@ -81,8 +86,8 @@ class Request:
 
     @property
     def is_decoding(self) -> bool:
-        """Prefill done: only the last sampled token lacks K/V."""
-        return self.num_output_tokens > 0 and self.num_uncomputed == 1
+        """Prefill done: only the last sampled token (and any drafts after it) lacks K/V."""
+        return self.num_output_tokens > self.num_draft and self.num_uncomputed == 1 + self.num_draft
 
     @property
     def finished(self) -> bool:
@@ -119,3 +124,5 @@ class CompletionOutput:
     num_cached_tokens: int
     logprobs: list[float | None] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
+    num_draft_tokens: int = 0  # speculative decoding: drafted for this request
+    num_accepted_tokens: int = 0  # of which accepted

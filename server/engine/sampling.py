@@ -174,17 +174,24 @@ class SampleOutput:
     top_logprobs: list[list[tuple[int, float]] | None]  # descending; [] for logprobs=0
 
 
-def _plain_greedy(row: SamplingRow) -> bool:
+def unedited(row: SamplingRow) -> bool:
+    """Nothing edits the row's logits before the choice (no banned tokens, processors or
+    penalties) and no logprobs are wanted: the next-token distribution after any position is a
+    function of that position's logits alone, which is what verifying drafts needs."""
     p = row.params
     return (
-        p.greedy
-        and p.logprobs is None
+        p.logprobs is None
         and not p.logits_processors
         and not row.banned_token_ids
         and p.repetition_penalty == 1.0
         and p.presence_penalty == 0.0
         and p.frequency_penalty == 0.0
     )
+
+
+def plain_greedy(row: SamplingRow) -> bool:
+    """Greedy on the raw logits: the token is their argmax, nothing edits them first."""
+    return row.params.greedy and unedited(row)
 
 
 # Row-subset helpers: `_take` gives the rows to edit in place (x itself when idx is None, else a
@@ -399,7 +406,7 @@ class Sampler:
                 f"logits must be [len(rows)={len(rows)}, V], got {tuple(logits.shape)}"
             )
         n = len(rows)
-        if all(_plain_greedy(r) for r in rows):
+        if all(plain_greedy(r) for r in rows):
             return SampleOutput(logits.argmax(dim=-1).tolist(), [None] * n, [None] * n)
 
         x = logits.to(torch.float32, copy=True)  # keep the raw logits intact for logprobs
@@ -463,6 +470,53 @@ class Sampler:
         picked = _inverse_cdf(probs, self._uniforms([rows[i].generator for i in sampled], dev))
         _put(tokens, sidx, picked)
         return tokens
+
+    def verify_drafts(self, logits: torch.Tensor, drafts: list[int], row: SamplingRow) -> list[int]:
+        """The tokens a step yields for a request that drafted `drafts`: `logits` [k + 1, V]
+        holds the target's logits after its last real token and after each draft.
+
+        Greedy: drafts are accepted while they equal the argmax, then the argmax after the last
+        accepted one follows, so the output is exactly what one-token decoding gives.
+
+        Sampling (speculative sampling with a deterministic draft, Leviathan et al. / Chen et
+        al.): draft d after position i is accepted with probability p_i(d), p_i the target's
+        distribution after temperature, top-k, top-p and min-p. On the first rejection the
+        token is drawn from p_i with d removed (the residual max(p_i - q, 0) for a one-hot q),
+        and the step ends; when every draft is accepted a last token is drawn from p_k. Each
+        emitted token is therefore distributed exactly as the target's. The row must be
+        `unedited`."""
+        if row.params.greedy:
+            predicted = logits.argmax(dim=-1).tolist()
+            accepted = 0
+            while accepted < len(drafts) and drafts[accepted] == predicted[accepted]:
+                accepted += 1
+            return predicted[: accepted + 1]
+        p = row.params
+        x = logits.to(torch.float32, copy=True)
+        if p.temperature != 1.0:
+            x.div_(p.temperature)
+        probs = x.softmax(dim=-1)
+        n = probs.shape[0]
+        filter_probs_(probs, [p.top_k] * n, [p.top_p] * n, [p.min_p] * n)
+        probs.div_(probs.sum(dim=-1, keepdim=True))
+        gen = row.generator or self._shared_generator(logits.device)
+        tokens: list[int] = []
+        for i, draft in enumerate(drafts):
+            u = torch.rand(1, generator=gen, dtype=torch.float64, device=gen.device).item()
+            if u < probs[i, draft].item():
+                tokens.append(draft)
+                continue
+            residual = probs[i].clone()
+            residual[draft] = 0.0
+            tokens.append(self._draw(residual, gen))
+            return tokens
+        tokens.append(self._draw(probs[len(drafts)], gen))
+        return tokens
+
+    @staticmethod
+    def _draw(weights: torch.Tensor, gen: torch.Generator) -> int:
+        u = torch.rand(1, generator=gen, dtype=torch.float64, device=gen.device)
+        return int(_inverse_cdf(weights[None], u.to(weights.device))[0])
 
     def _uniforms(self, gens: list[torch.Generator | None], device: torch.device) -> torch.Tensor:
         u = torch.empty(len(gens), dtype=torch.float64, device=device)

@@ -109,29 +109,18 @@ class Scheduler:
         """Advance computed counts; publish freshly prefilled full pages to the prefix cache."""
         for req, n in batch.items:
             req.num_computed += n
-            if n > 1 and self.cache is not None:
+            # Draft tokens' K/V is only kept if verification accepts them: nothing to publish.
+            if n > 1 and self.cache is not None and not req.num_draft:
                 self._cache_computed_pages(req)
 
-    def rollback(self, req: Request, num_tokens: int) -> None:
-        """Forget the last `num_tokens` tokens of a running request (rejected draft tokens):
-        their K/V no longer counts and the request's own pages past the new end are freed.
-        Pages shared through the radix cache are full, committed pages and are never touched."""
-        if req.status is not RequestStatus.RUNNING:
-            raise ValueError(f"cannot roll back request {req.request_id}: it is not running")
-        new_len = req.seq_len - num_tokens
-        if not req.num_tree_pages * self.page_size < new_len <= req.seq_len:
-            raise ValueError(
-                f"cannot roll back {num_tokens} tokens of a {req.seq_len}-token request whose "
-                f"first {req.num_tree_pages * self.page_size} tokens are shared"
-            )
-        del req.token_ids[new_len:]
-        # The last kept token is fed again: its logits give the next token.
-        req.num_computed = min(req.num_computed, new_len - 1)
-        req.num_emitted_tokens = min(req.num_emitted_tokens, req.num_output_tokens)
-        keep = max(self._pages_for(new_len), req.num_tree_pages)
-        self.allocator.free(req.pages[keep:])
-        del req.pages[keep:]
-        req.num_synced_pages = min(req.num_synced_pages, keep)
+    def trim_pages(self, req: Request) -> None:
+        """Free a running request's own pages past what its tokens need (those reserved for
+        draft tokens that verification rejected)."""
+        keep = max(self._pages_for(req.seq_len), req.num_tree_pages)
+        if keep < len(req.pages):
+            self.allocator.free(req.pages[keep:])
+            del req.pages[keep:]
+            req.num_synced_pages = min(req.num_synced_pages, keep)
 
     # -- admission ----------------------------------------------------------------------
 

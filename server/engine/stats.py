@@ -29,6 +29,11 @@ class EngineStats:
     cached_tokens_total: int
     num_retractions_total: int
     num_finished_total: int
+    # Speculative decoding, since start: draft tokens proposed and verified, those accepted,
+    # and verification passes (one per request per step).
+    spec_draft_tokens_total: int
+    spec_accepted_tokens_total: int
+    spec_verify_steps_total: int
     step_seconds: float  # wall time of the last step (schedule + forward + sample)
     schedule_seconds: float  # of which: scheduling and batch preparation
     forward_seconds: float  # of which: the model forward (the rest is sampling and bookkeeping)
@@ -36,6 +41,12 @@ class EngineStats:
     @property
     def kv_usage(self) -> float:
         return self.kv_pages_used / self.kv_pages_total if self.kv_pages_total else 0.0
+
+    @property
+    def speculation_rate(self) -> float:
+        """Share of draft tokens accepted (0 before any draft)."""
+        drafted = self.spec_draft_tokens_total
+        return self.spec_accepted_tokens_total / drafted if drafted else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,6 +6,7 @@ directory and the served model name; nothing here reads the YAML itself.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from bisllm_server.openai.app import create_app
 from bisllm_server.openai.kv_event_stream import KVEventLog
 from bisllm_server.openai.metrics import ServerMetrics
 from bisllm_server.openai.serving import OpenAIServing, ServerSettings
+
+log = logging.getLogger("bisllm.server")
 
 
 class ModelDirectoryError(FileNotFoundError):
@@ -65,6 +68,22 @@ def _device(requested: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _speculate(config: EngineConfig, speculation: Any) -> None:
+    """speculative_config -> engine settings. NGram runs in the engine; Eagle and MTP drafts
+    do not exist yet, so such a deployment serves without speculation and says so."""
+    if speculation is None:
+        return
+    if speculation.decoding_type == "NGram":
+        config.speculative_method = "ngram"
+        config.num_draft_tokens = speculation.max_draft_len
+        return
+    log.warning(
+        "speculative_config.decoding_type %s is not implemented by the engine yet; serving "
+        "without speculative decoding (NGram is available)",
+        speculation.decoding_type,
+    )
+
+
 def build_server(spec: Any, model_dir: Path, options: ServeOptions) -> tuple[Any, AsyncEngine]:
     """(FastAPI app, started AsyncEngine) for a deployment spec."""
     engine_spec = spec.engine
@@ -79,6 +98,7 @@ def build_server(spec: Any, model_dir: Path, options: ServeOptions) -> tuple[Any
     )
     if options.kv_cache_bytes is not None:
         config.kv_cache_bytes = options.kv_cache_bytes
+    _speculate(config, spec.speculation)
     llm = LLMEngine(config)
     # Subscribed before the engine thread starts, so the log sees every event from id 1.
     kv_event_log = KVEventLog(llm.kv_events, block_size=config.page_size)

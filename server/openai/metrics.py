@@ -244,6 +244,7 @@ class ServerMetrics:
         self._waiting.set(stats.num_waiting)
         self._running.set(stats.num_running)
         self._in_flight.set(stats.in_flight_tokens)
+        self._speculation_rate.set(stats.speculation_rate)
         # Pages held only by the prefix cache can be evicted on demand, so they are not pressure;
         # counting them would show a warm server as permanently full.
         held = stats.kv_pages_used - stats.kv_pages_evictable
