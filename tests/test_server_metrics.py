@@ -51,6 +51,7 @@ OUR_TYPES = {
     "bisllm_kv_cache_usage": "gauge",
     "bisllm_prefix_cache_hit_rate": "gauge",
     "bisllm_in_flight_tokens": "gauge",
+    "bisllm_spec_accept_length": "gauge",
     "bisllm_cached_tokens": "counter",
     "bisllm_requests": "counter",
     "bisllm_http_errors": "counter",
@@ -142,6 +143,7 @@ def test_fresh_server_exposes_zeros() -> None:
     metrics = ServerMetrics(MODEL)
     assert value(metrics, "concurrent_requests") == 0
     assert value(metrics, "speculation_rate") == 0
+    assert value(metrics, "bisllm_spec_accept_length") == 0
     assert value(metrics, "input_tokens_total") == 0
     assert value(metrics, "bisllm_in_flight_tokens") == 0
     assert value(metrics, "bisllm_requests_total", finish_reason="stop") == 0
@@ -255,6 +257,7 @@ def test_update_engine_sets_the_gauges() -> None:
     assert value(metrics, "bisllm_kv_cache_usage") == pytest.approx(0.4)
     assert value(metrics, "bisllm_prefix_cache_hit_rate") == pytest.approx(0.25)
     assert value(metrics, "speculation_rate") == pytest.approx(0.75)  # 30 of 40 drafts
+    assert value(metrics, "bisllm_spec_accept_length") == pytest.approx((30 + 12) / 12)
 
     metrics.update_engine(replace(STATS, num_waiting=0, in_flight_tokens=0))
     assert value(metrics, "bisllm_num_requests_waiting") == 0
@@ -273,11 +276,13 @@ def test_update_engine_before_any_work() -> None:
             cached_tokens_total=0,
             spec_draft_tokens_total=0,
             spec_accepted_tokens_total=0,
+            spec_verify_steps_total=0,
         )
     )
     assert value(metrics, "bisllm_kv_cache_usage") == 0
     assert value(metrics, "bisllm_prefix_cache_hit_rate") == 0
     assert value(metrics, "speculation_rate") == 0
+    assert value(metrics, "bisllm_spec_accept_length") == 0
 
 
 def test_in_flight_tokens_answers_the_keda_query(tmp_path: Path) -> None:

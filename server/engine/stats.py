@@ -48,5 +48,11 @@ class EngineStats:
         drafted = self.spec_draft_tokens_total
         return self.spec_accepted_tokens_total / drafted if drafted else 0.0
 
+    @property
+    def accept_length(self) -> float:
+        """Tokens per verification step of a speculating request (0 before any)."""
+        steps = self.spec_verify_steps_total
+        return (self.spec_accepted_tokens_total + steps) / steps if steps else 0.0
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

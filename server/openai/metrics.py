@@ -98,6 +98,13 @@ class ServerMetrics:
             registry=r,
         ).labels(model_name)
         self._speculation_rate.set(0)
+        self._accept_length = Gauge(
+            "bisllm_spec_accept_length",
+            "Mean tokens a speculating request gets per verification step (accepted drafts + 1), "
+            "since start; 0 while speculative decoding is off.",
+            m,
+            registry=r,
+        ).labels(model_name)
         self._replicas = Gauge(
             "replica_count_by_status",
             "This replica, counted under its lifecycle status (1) and 0 under the others.",
@@ -245,6 +252,7 @@ class ServerMetrics:
         self._running.set(stats.num_running)
         self._in_flight.set(stats.in_flight_tokens)
         self._speculation_rate.set(stats.speculation_rate)
+        self._accept_length.set(stats.accept_length)
         # Pages held only by the prefix cache can be evicted on demand, so they are not pressure;
         # counting them would show a warm server as permanently full.
         held = stats.kv_pages_used - stats.kv_pages_evictable
