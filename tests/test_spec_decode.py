@@ -80,6 +80,31 @@ def test_ngram_takes_the_longest_suffix_and_its_latest_occurrence() -> None:
     assert p.propose([4, 9, 4]) == [9, 4]
 
 
+def _reference_propose(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+    """The definition, spelled out: for n from max_n down to min_n, the latest earlier
+    occurrence of the n-token suffix (ending before the last token), and what followed it."""
+    length = len(tokens)
+    for n in range(min(max_n, length - 1), min_n - 1, -1):
+        suffix = tokens[length - n :]
+        for start in range(length - 1 - n, -1, -1):
+            if tokens[start : start + n] == suffix:
+                return tokens[start + n : start + n + k]
+    return []
+
+
+def test_ngram_agrees_with_the_definition_on_random_sequences() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for trial in range(500):
+        length = int(torch.randint(1, 40, (1,), generator=gen))
+        vocab = int(torch.randint(2, 6, (1,), generator=gen))
+        tokens = torch.randint(0, vocab, (length,), generator=gen).tolist()
+        min_n = 1 + trial % 2
+        max_n = min_n + trial % 4
+        k = 1 + trial % 5
+        want = _reference_propose(tokens, k, min_n, max_n)
+        assert NGramProposer(k, min_n, max_n).propose(tokens) == want, (tokens, min_n, max_n)
+
+
 def test_ngram_min_n_filters_short_matches() -> None:
     assert NGramProposer(4, min_n=2, max_n=3).propose([1, 5, 9, 1]) == []
     assert NGramProposer(4, min_n=1, max_n=3).propose([1, 5, 9, 1]) == [5, 9, 1]

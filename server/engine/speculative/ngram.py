@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 
 class NGramProposer:
@@ -33,13 +32,24 @@ class NGramProposer:
         if k < 1 or length < self.min_n + 1:
             return []
         seq = np.asarray(tokens, dtype=np.int64)
-        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
-            suffix = seq[length - n :]
-            # Windows that start early enough to have at least one token after them, the
-            # suffix itself excluded.
-            windows = sliding_window_view(seq[: length - 1], n)
-            hits = np.flatnonzero((windows == suffix).all(axis=1))
-            if hits.size:
-                start = int(hits[-1]) + n
-                return seq[start : start + k].tolist()
-        return []
+        # Candidate occurrences end where the last token occurs earlier: one pass over the
+        # sequence, then each candidate is extended backwards, all candidates at once. Long
+        # contexts cost one comparison per token, not one per token and suffix length.
+        ends = np.flatnonzero(seq[: length - 1] == seq[length - 1])
+        if not ends.size:
+            return []
+        matched = np.ones(ends.size, dtype=np.int64)
+        alive = np.ones(ends.size, dtype=bool)
+        for back in range(1, min(self.max_n, length - 1)):
+            before = ends - back
+            alive &= before >= 0
+            alive[alive] = seq[before[alive]] == seq[length - 1 - back]
+            if not alive.any():
+                break
+            matched += alive
+        best = int(matched.max())
+        if best < self.min_n:
+            return []
+        # The latest of the longest matches: the likeliest to continue the same way.
+        end = int(ends[np.flatnonzero(matched == best)[-1]])
+        return seq[end + 1 : end + 1 + k].tolist()
