@@ -94,10 +94,16 @@ def test_a_worker_failing_before_the_first_token_is_retried_elsewhere() -> None:
         bad503, dies, good = workers
         bad503.mode, dies.mode = "503", "die_before_output"
         with running_router(workers, policy="round_robin") as (url, service):
-            for _ in range(3):
+            # Which worker round-robin starts from depends on the order their event streams
+            # connected, so send requests until both failing workers have been tried (each
+            # is tried within a few rounds), every one answered by the good worker.
+            for _ in range(12):
                 response = complete(url, stream=True)
                 assert response.content == b"".join(STREAM)
                 assert response.headers["x-bisllm-worker"] == address(good)
+                if bad503.requests and dies.requests:
+                    break
+            assert bad503.requests and dies.requests, "round-robin never tried a failing worker"
             assert service.metrics.totals["retries"] >= 2
             # The worker whose connection broke is out of rotation until its health check
             # passes again; the one that said 503 stays in.
