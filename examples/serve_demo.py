@@ -119,7 +119,16 @@ def main() -> None:
                 f"({raw.headers['x-bisllm-route-reason']}), "
                 f"{cached} of {usage.prompt_tokens} prompt tokens from cache"
             )
-        stats = httpx.get(f"{url}/router/stats").json()["rates"]
+        # The workers report what hit their cache in a load line every 0.5 s: wait until their
+        # counts cover every prompt the router sent (or 5 s) before comparing.
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            router_stats = httpx.get(f"{url}/router/stats").json()
+            totals = router_stats["totals"]
+            if totals["worker_prompt_tokens"] >= totals["prompt_tokens"]:
+                break
+            time.sleep(0.1)
+        stats = router_stats["rates"]
         print(
             f"router, all requests so far: best possible hit rate "
             f"{stats['kv_cache_best_prefix_hit_rate']:.2f}, its choices "
