@@ -36,26 +36,54 @@ from bisllm_truss.cli_common import fail
 _DEFAULTS = SimWorkerModel()
 
 
+def _trace_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The options every trace replay takes: the trace, its format, JSON output, a request
+    limit and a speed-up."""
+    for option in reversed(
+        (
+            click.option(
+                "--trace",
+                "trace_path",
+                required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                help="Request trace: Mooncake JSONL or Azure LLM inference CSV.",
+            ),
+            click.option(
+                "--format",
+                "fmt",
+                type=click.Choice(FORMATS),
+                default=None,
+                help="Trace format (default: from the suffix, .jsonl mooncake, .csv azure).",
+            ),
+            click.option(
+                "--json", "as_json", is_flag=True, help="Print the results as JSON (last line)."
+            ),
+            click.option(
+                "--limit",
+                type=click.IntRange(min=1),
+                default=None,
+                help="Only the first N requests.",
+            ),
+            click.option(
+                "--speed",
+                type=click.FloatRange(min=0, min_open=True),
+                default=1.0,
+                show_default=True,
+                help="Divide arrival times by this (2 = twice the request rate).",
+            ),
+        )
+    ):
+        command = option(command)
+    return command
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def bench() -> None:
     """Offline benchmarks (no GPU needed)."""
 
 
 @bench.command()
-@click.option(
-    "--trace",
-    "trace_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Request trace: Mooncake JSONL or Azure LLM inference CSV.",
-)
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(FORMATS),
-    default=None,
-    help="Trace format (default: from the suffix, .jsonl mooncake, .csv azure).",
-)
+@_trace_options
 @click.option("--workers", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option(
     "--policy",
@@ -63,23 +91,12 @@ def bench() -> None:
     default="kv",
     show_default=True,
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (last line).")
 @click.option(
     "--trace-block-size",
     type=click.IntRange(min=1),
     default=DEFAULT_TRACE_BLOCK_SIZE,
     show_default=True,
     help="Tokens per block id in the trace; the simulated workers cache blocks of this size.",
-)
-@click.option(
-    "--limit", type=click.IntRange(min=1), default=None, help="Only the first N requests."
-)
-@click.option(
-    "--speed",
-    type=click.FloatRange(min=0, min_open=True),
-    default=1.0,
-    show_default=True,
-    help="Divide arrival times by this (2 = twice the request rate).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the router's RNG.")
 @click.option(
@@ -199,20 +216,7 @@ _TARGETS = autoscale_sim.DEFAULT_TARGETS
 
 
 @bench.command()
-@click.option(
-    "--trace",
-    "trace_path",
-    required=True,
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="Request trace: Mooncake JSONL or Azure LLM inference CSV.",
-)
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(FORMATS),
-    default=None,
-    help="Trace format (default: from the suffix, .jsonl mooncake, .csv azure).",
-)
+@_trace_options
 @click.option(
     "--policy",
     type=click.Choice(["tokens", "concurrency"]),
@@ -227,17 +231,6 @@ _TARGETS = autoscale_sim.DEFAULT_TARGETS
     help=f"Per-replica target in the signal's unit (default: {_TARGETS['tokens']:g} in-flight "
     f"tokens for --policy tokens, {_TARGETS['concurrency']:g} requests for --policy "
     "concurrency; both sized for the default profile, docs/benchmarks.md).",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON (last line).")
-@click.option(
-    "--limit", type=click.IntRange(min=1), default=None, help="Only the first N requests."
-)
-@click.option(
-    "--speed",
-    type=click.FloatRange(min=0, min_open=True),
-    default=1.0,
-    show_default=True,
-    help="Divide arrival times by this (2 = twice the request rate).",
 )
 @click.option(
     "--profile",
