@@ -38,7 +38,6 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 class FleetWorker:
     port: int
     process: subprocess.Popen | None = None
-    restarts: int = 0
     retired: bool = False  # asked to stop for good (scaled down): never restarted
 
 
@@ -60,7 +59,6 @@ class WorkerFleet:
     ) -> None:
         if count < 1:
             raise ValueError(f"--workers must be at least 1, got {count}")
-        self.count = count
         self.command = command  # port -> argv of one worker
         self.host = host
         self.restart = restart
@@ -84,11 +82,6 @@ class WorkerFleet:
         """Every worker not retired, oldest first."""
         with self._lock:
             return [a for a, w in self.workers.items() if not w.retired]
-
-    @property
-    def restarts(self) -> int:
-        with self._lock:
-            return sum(w.restarts for w in self.workers.values())
 
     def start(self) -> None:
         for address in self.addresses:
@@ -126,7 +119,6 @@ class WorkerFleet:
             # A pause between restarts, so a worker that cannot start does not spin.
             if self._stopping.wait(self.restart_delay_s) or worker.retired:
                 return
-            worker.restarts += 1
             self._spawn(address, worker)
 
     def retire(self, address: str, timeout_s: float = 30.0) -> threading.Thread | None:
