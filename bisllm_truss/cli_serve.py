@@ -207,6 +207,7 @@ def serve(
             api_key=api_key,
             max_queued_requests=max_queued_requests,
             strict_model_name=strict_model_name,
+            search_roots=_search_roots(config),
         )
         click.echo(f"loading {spec.served_model_name} from {model_dir} ...", err=True)
         app, engine = build_server(spec, model_dir, options)
@@ -379,7 +380,10 @@ def _hydrate_weights(paths: list[Path], cache: Path) -> None:
 def _model_dir(spec, config: Path) -> Path:  # type: ignore[no-untyped-def]
     from bisllm_server.openai.launch import resolve_model_dir
 
-    # A LOCAL checkpoint path is relative to the working directory, the config's directory
-    # or, for the examples, this source checkout.
-    roots = [Path.cwd(), config.resolve().parent, DEFAULT_CONFIG.parents[2]]
-    return resolve_model_dir(spec, roots)
+    return resolve_model_dir(spec, _search_roots(config))
+
+
+def _search_roots(config: Path) -> list[Path]:
+    # A LOCAL checkpoint path (or an Eagle head's) is relative to the working directory, the
+    # config's directory or, for the examples, this source checkout.
+    return [Path.cwd(), config.resolve().parent, DEFAULT_CONFIG.parents[2]]

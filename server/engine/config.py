@@ -8,8 +8,8 @@ from typing import Literal
 
 SchedulePolicy = Literal["fcfs", "lpm"]
 SCHEDULE_POLICIES: tuple[str, ...] = ("fcfs", "lpm")
-SpeculativeMethod = Literal["ngram"]
-SPECULATIVE_METHODS: tuple[str, ...] = ("ngram",)
+SpeculativeMethod = Literal["ngram", "eagle", "mtp"]
+SPECULATIVE_METHODS: tuple[str, ...] = ("ngram", "eagle", "mtp")
 
 
 class EngineConfigError(ValueError):
@@ -39,11 +39,13 @@ class EngineConfig:
     # On CPU, run decode attention and small-batch experts in the compiled C++ kernels
     # (built on first use; the PyTorch paths stay when the build is impossible).
     cpu_kernels: bool = True
-    # Speculative decoding: "ngram" drafts up to `num_draft_tokens` tokens per step from the
-    # request's own tokens (suffix lookup, `ngram_min`..`ngram_max` tokens long) and verifies
-    # them in the same forward. None: off.
+    # Speculative decoding: up to `num_draft_tokens` draft tokens per step, verified in the
+    # same forward. "ngram" looks them up in the request's own tokens (suffixes
+    # `ngram_min`..`ngram_max` tokens long); "eagle" runs the EAGLE / EAGLE-3 head in
+    # `speculative_model`; "mtp" runs the checkpoint's own NextN layer. None: off.
     speculative_method: SpeculativeMethod | None = None
     num_draft_tokens: int = 4
+    speculative_model: str | Path | None = None
     ngram_min: int = 1
     ngram_max: int = 4
 
@@ -75,6 +77,11 @@ class EngineConfig:
                 value = getattr(self, name)
                 if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                     raise EngineConfigError(f"{name} must be a positive integer, got {value!r}")
+            if self.speculative_method == "eagle" and not self.speculative_model:
+                raise EngineConfigError(
+                    "speculative_model: speculative_method 'eagle' needs the directory of an "
+                    "EAGLE head (config.json + safetensors)"
+                )
             if self.ngram_min > self.ngram_max:
                 raise EngineConfigError(
                     f"ngram_min ({self.ngram_min}) must be <= ngram_max ({self.ngram_max})"

@@ -19,13 +19,20 @@ import torch
 
 from bisllm_server.engine import cpu_kernels
 from bisllm_server.engine.attention import AttentionBackend, TorchAttentionBackend
-from bisllm_server.engine.config import EngineConfig
+from bisllm_server.engine.config import EngineConfig, EngineConfigError
 from bisllm_server.engine.cpu_kernels.backends import CpuAttentionBackend, CpuExpertsBackend
 from bisllm_server.engine.detokenizer import IncrementalDetokenizer
-from bisllm_server.engine.kv_cache import KVPool, PageAllocator, kv_budget_bytes, pages_for_budget
+from bisllm_server.engine.kv_cache import (
+    KVPool,
+    PageAllocator,
+    bytes_per_page,
+    kv_budget_bytes,
+    pages_for_budget,
+)
 from bisllm_server.engine.layers.moe import set_experts_backend
 from bisllm_server.engine.loader import ModelConfig, load_model
 from bisllm_server.engine.model_runner import CausalModel, ModelRunner
+from bisllm_server.engine.models.decoder import DecoderForCausalLM
 from bisllm_server.engine.radix_cache import RadixCache
 from bisllm_server.engine.request import CompletionOutput, Request, RequestOutput
 from bisllm_server.engine.sampling import (
@@ -37,6 +44,10 @@ from bisllm_server.engine.sampling import (
     unedited,
 )
 from bisllm_server.engine.scheduler import ScheduledBatch, Scheduler
+from bisllm_server.engine.speculative.draft_model import DraftModel
+from bisllm_server.engine.speculative.drafter import ModelDrafter
+from bisllm_server.engine.speculative.eagle import EagleCheckpointError, load_eagle_head
+from bisllm_server.engine.speculative.mtp import MtpDraft, MtpUnavailableError
 from bisllm_server.engine.speculative.ngram import NGramProposer
 from bisllm_server.engine.stats import EngineStats
 from bisllm_server.kv_events import KVEventPublisher
@@ -82,20 +93,8 @@ class LLMEngine:
         self.max_seq_len = config.max_seq_len or model_config.max_position_embeddings
         self.eos_token_ids = frozenset(model_config.eos_token_ids)
 
-        num_pages = config.num_kv_pages or pages_for_budget(
-            kv_budget_bytes(
-                self.device,
-                cpu_bytes=config.kv_cache_bytes,
-                gpu_memory_fraction=config.gpu_memory_fraction,
-            ),
-            model_config.num_layers,
-            model_config.num_kv_heads,
-            model_config.head_dim,
-            config.page_size,
-            model_config.dtype,
-            v_head_dim=model_config.kv_value_dim,
-            shared_kv=model_config.kv_shared,
-        )
+        draft = self._load_draft_model(model)
+        num_pages = config.num_kv_pages or self._pages_for_budget(draft)
         self.kv_pool = KVPool(
             model_config.num_layers,
             model_config.num_kv_heads,
@@ -106,6 +105,23 @@ class LLMEngine:
             self.device,
             v_head_dim=model_config.kv_value_dim,
             shared_kv=model_config.kv_shared,
+        )
+        # The draft's K/V: a pool of its own over the same pages, so every slot the target
+        # writes has a draft twin and no separate accounting is needed.
+        self.draft_kv_pool = (
+            KVPool(
+                draft.num_kv_layers,
+                draft.kv_layout.num_kv_heads,
+                draft.kv_layout.head_dim,
+                num_pages,
+                config.page_size,
+                model_config.dtype,
+                self.device,
+                v_head_dim=draft.kv_layout.v_head_dim,
+                shared_kv=draft.kv_layout.shared_kv,
+            )
+            if draft is not None
+            else None
         )
         self.allocator = PageAllocator(num_pages)
         self.kv_events = KVEventPublisher()
@@ -126,6 +142,8 @@ class LLMEngine:
         if config.cpu_kernels and self.device.type == "cpu" and cpu_kernels.available():
             if isinstance(model, torch.nn.Module):
                 set_experts_backend(model, CpuExpertsBackend())
+            if draft is not None:
+                set_experts_backend(draft, CpuExpertsBackend())
             if attention is TorchAttentionBackend:
                 attention = CpuAttentionBackend
         self.runner = ModelRunner(
@@ -142,6 +160,16 @@ class LLMEngine:
             if config.speculative_method == "ngram"
             else None
         )
+        self.drafter = (
+            ModelDrafter(
+                draft,
+                attention(self.draft_kv_pool.k_buffers, self.draft_kv_pool.v_buffers),
+                self.runner,
+                config.num_draft_tokens,
+            )
+            if draft is not None and self.draft_kv_pool is not None
+            else None
+        )
         self._spec = {"drafted": 0, "accepted": 0, "verified": 0}
 
         self._requests: dict[str, Request] = {}
@@ -154,6 +182,67 @@ class LLMEngine:
         self._step = 0
         self._totals = {"prompt": 0, "generation": 0, "cached": 0, "finished": 0}
         self.stats = self._snapshot(ScheduledBatch(), 0, 0.0, 0.0, 0.0)
+
+    def _load_draft_model(self, model: CausalModel) -> DraftModel | None:
+        """The draft model of speculative_method "eagle" or "mtp", on the target's device."""
+        method = self.config.speculative_method
+        if method not in ("eagle", "mtp"):
+            return None
+        if not isinstance(model, DecoderForCausalLM):
+            raise EngineConfigError(
+                f"speculative_method {method!r} needs the target's hidden states: the model "
+                f"must be a DecoderForCausalLM, got {type(model).__name__}"
+            )
+        try:
+            if method == "mtp":
+                return MtpDraft(model)
+            assert self.config.speculative_model is not None  # validate() checked
+            return load_eagle_head(
+                self.config.speculative_model, model, self.model_config.dtype, self.device
+            )
+        except (MtpUnavailableError, EagleCheckpointError) as exc:
+            raise EngineConfigError(str(exc)) from exc
+
+    def _pages_for_budget(self, draft: DraftModel | None) -> int:
+        """KV pages that fit the configured budget, counting the draft's pool when there is one."""
+        mc, config = self.model_config, self.config
+        budget = kv_budget_bytes(
+            self.device,
+            cpu_bytes=config.kv_cache_bytes,
+            gpu_memory_fraction=config.gpu_memory_fraction,
+        )
+        if draft is not None:
+            # Reserve for the draft's pool in proportion: each page has a twin there.
+            layout = draft.kv_layout
+            target_page = bytes_per_page(
+                mc.num_layers,
+                mc.num_kv_heads,
+                mc.head_dim,
+                config.page_size,
+                mc.dtype,
+                v_head_dim=mc.kv_value_dim,
+                shared_kv=mc.kv_shared,
+            )
+            draft_page = bytes_per_page(
+                draft.num_kv_layers,
+                layout.num_kv_heads,
+                layout.head_dim,
+                config.page_size,
+                mc.dtype,
+                v_head_dim=layout.v_head_dim,
+                shared_kv=layout.shared_kv,
+            )
+            budget = budget * target_page // (target_page + draft_page)
+        return pages_for_budget(
+            budget,
+            mc.num_layers,
+            mc.num_kv_heads,
+            mc.head_dim,
+            config.page_size,
+            mc.dtype,
+            v_head_dim=mc.kv_value_dim,
+            shared_kv=mc.kv_shared,
+        )
 
     # -- public API ---------------------------------------------------------------------
 
@@ -194,13 +283,18 @@ class LLMEngine:
         drafted = self._propose_drafts()
         batch = self.scheduler.schedule()
         self._fit_drafts(batch, drafted)
+        if self.drafter is not None:
+            self.drafter.chain(drafted)
         decode_tokens = sum(n for req, n in batch.items if req.is_decoding)
         schedule_seconds = forward_seconds = 0.0
         if batch:
             fb, sampled, spans = self.runner.prepare(batch)
+            # Where each item starts, for the draft model's pass after sampling.
+            items = [(req, req.num_computed, n) for req, n in batch.items]
+            capture = self.drafter.capture() if self.drafter is not None else None
             forward_start = time.perf_counter()
             schedule_seconds = forward_start - start
-            logits = self.runner.forward(fb)
+            logits = self.runner.forward(fb, capture)
             forward_seconds = time.perf_counter() - forward_start
             # Requests verifying drafts own several logits rows; the rest one each.
             verifying: list[tuple[Request, torch.Tensor]] = []
@@ -239,6 +333,8 @@ class LLMEngine:
                     )
             for req, draft_logits in verifying:
                 outputs.extend(self._verify(req, draft_logits))
+            if self.drafter is not None and capture is not None:
+                self.drafter.extend(fb, items, capture)
         self._step += 1
         self.stats = self._snapshot(
             batch, decode_tokens, time.perf_counter() - start, schedule_seconds, forward_seconds
@@ -255,7 +351,7 @@ class LLMEngine:
 
     def _propose_drafts(self) -> list[Request]:
         """Append drafts to the decoding requests that speculate (removed again this step)."""
-        if self.proposer is None:
+        if self.proposer is None and self.drafter is None:
             return []
         drafted = []
         for req in self.scheduler.running:
@@ -266,7 +362,11 @@ class LLMEngine:
             room = min(
                 req.params.max_tokens - req.num_output_tokens, self.max_seq_len - req.seq_len
             )
-            draft = self.proposer.propose(req.token_ids, room - 1)
+            if self.drafter is not None:
+                draft = self.drafter.propose(req, room - 1)
+            else:
+                assert self.proposer is not None
+                draft = self.proposer.propose(req.token_ids, room - 1)
             if draft:
                 req.token_ids.extend(draft)
                 req.num_draft = len(draft)

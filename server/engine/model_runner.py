@@ -12,11 +12,15 @@ import torch
 
 from bisllm_server.engine.attention import AttentionBackend
 from bisllm_server.engine.forward_batch import ForwardBatch
+from bisllm_server.engine.models.decoder import HiddenCapture
+from bisllm_server.engine.request import Request
 from bisllm_server.engine.scheduler import ScheduledBatch
 
 
 class CausalModel(Protocol):
-    def __call__(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor: ...
+    def __call__(
+        self, batch: ForwardBatch, attn: AttentionBackend, capture: HiddenCapture | None = None
+    ) -> torch.Tensor: ...
 
 
 class ModelRunner:
@@ -37,6 +41,15 @@ class ModelRunner:
         self.page_table = torch.zeros(max_rows, max_pages_per_seq, dtype=torch.int64)
         self._arange = torch.arange(max_pages_per_seq * page_size, dtype=torch.int64)
 
+    def sync_pages(self, req: Request) -> None:
+        """Copy the request's pages allocated since the last sync into its page-table row."""
+        if req.num_synced_pages < len(req.pages):
+            start = req.num_synced_pages
+            self.page_table[req.row, start : len(req.pages)] = torch.tensor(
+                req.pages[start:], dtype=torch.int64
+            )
+            req.num_synced_pages = len(req.pages)
+
     def prepare(self, batch: ScheduledBatch) -> tuple[ForwardBatch, list[int], list[int]]:
         """Build the forward inputs; also returns the item indices whose logits are computed
         and, for each, how many logits rows it gets: 1, or 1 + its drafts for a request whose
@@ -50,12 +63,7 @@ class ModelRunner:
         logits_rows: list[int] = []
         offset = 0
         for i, (req, n) in enumerate(batch.items):
-            if req.num_synced_pages < len(req.pages):
-                start = req.num_synced_pages
-                self.page_table[req.row, start : len(req.pages)] = torch.tensor(
-                    req.pages[start:], dtype=torch.int64
-                )
-                req.num_synced_pages = len(req.pages)
+            self.sync_pages(req)
             begin = req.num_computed
             input_ids.extend(req.token_ids[begin : begin + n])
             query_lens.append(n)
@@ -67,7 +75,19 @@ class ModelRunner:
                 sampled.append(i)
                 spans.append(span)
                 logits_rows.extend(range(offset - span, offset))
+        fb = self.make_batch(input_ids, query_lens, kv_lens, rows, logits_rows)
+        return fb, sampled, spans
 
+    def make_batch(
+        self,
+        input_ids: list[int],
+        query_lens: list[int],
+        kv_lens: list[int],
+        rows: list[int],
+        logits_rows: list[int],
+    ) -> ForwardBatch:
+        """A ForwardBatch for sequences in page-table `rows` whose last `query_lens[i]` of
+        `kv_lens[i]` positions are the new tokens (packed in `input_ids`)."""
         ps = self.page_size
         q_lens = torch.tensor(query_lens, dtype=torch.int64)
         kv = torch.tensor(kv_lens, dtype=torch.int64)
@@ -87,7 +107,7 @@ class ModelRunner:
         kv_slots = tables[:, context // ps] * ps + context % ps
 
         device = self.device  # .to() is a no-op on CPU
-        fb = ForwardBatch(
+        return ForwardBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.int64).to(device, non_blocking=True),
             positions=positions.to(device, non_blocking=True),
             out_slots=out_slots.to(device, non_blocking=True),
@@ -96,10 +116,11 @@ class ModelRunner:
             kv_slots=kv_slots.to(device, non_blocking=True),
             logits_indices=torch.tensor(logits_rows, dtype=torch.int64).to(device),
         )
-        return fb, sampled, spans
 
     @torch.inference_mode()
-    def forward(self, fb: ForwardBatch) -> torch.Tensor:
-        """float32 logits [len(fb.logits_indices), vocab]."""
+    def forward(self, fb: ForwardBatch, capture: HiddenCapture | None = None) -> torch.Tensor:
+        """float32 logits [len(fb.logits_indices), vocab]; `capture` receives hidden states."""
         self.attn.begin(fb)
-        return self.model(fb, self.attn)
+        if capture is None:
+            return self.model(fb, self.attn)
+        return self.model(fb, self.attn, capture)

@@ -48,6 +48,9 @@ class Request:
     # They exist only within one engine step (proposed, scheduled, verified, then removed).
     num_draft: int = 0
     num_draft_tokens: int = 0  # drafted for this request so far
+    # A draft model's first draft token for the next step and the draft hidden state it came
+    # from (see speculative/drafter.py); None when there is none.
+    draft_hint: tuple[int, torch.Tensor] | None = None
     num_accepted_tokens: int = 0  # of which the target model agreed with
     # reporting
     num_cached_tokens: int = 0  # prefix-cache hit when first admitted

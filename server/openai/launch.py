@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ class ServeOptions:
     max_queued_requests: int = 1024
     strict_model_name: bool = False
     kv_cache_bytes: int | None = None
+    # Where relative local paths (a LOCAL checkpoint, an Eagle head) may be found.
+    search_roots: list[Path] = field(default_factory=list)
 
 
 def resolve_model_dir(spec: Any, roots: list[Path]) -> Path:
@@ -68,20 +70,47 @@ def _device(requested: str) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _speculate(config: EngineConfig, speculation: Any) -> None:
-    """speculative_config -> engine settings. NGram runs in the engine; Eagle and MTP drafts
-    do not exist yet, so such a deployment serves without speculation and says so."""
+def resolve_draft_dir(spec: Any, roots: list[Path]) -> Path:
+    """The Eagle head's directory: `speculative_model_dir` itself (the hydrated mount in a
+    container), the same place in a `file://` weights source that mounts it, or the path
+    under one of `roots` when it is relative."""
+    directory = spec.speculation.speculative_model_dir
+    path = Path(directory)
+    candidates = [path]
+    for mount in spec.weights:
+        location = Path(mount.mount_location)
+        if mount.source.startswith("file://") and path.is_relative_to(location):
+            candidates.append(
+                Path(mount.source.removeprefix("file://")) / path.relative_to(location)
+            )
+    if not path.is_absolute():
+        candidates += [root / path for root in roots]
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate
+    tried = ", ".join(str(c) for c in candidates)
+    raise ModelDirectoryError(
+        f"speculative_config.speculative_model_dir: no Eagle head (config.json) found; looked "
+        f"in {tried}. Hydrate its weights mount first (bisllm hydrate)."
+    )
+
+
+def _speculate(config: EngineConfig, spec: Any, roots: list[Path]) -> None:
+    """speculative_config -> engine settings."""
+    speculation = spec.speculation
     if speculation is None:
         return
+    config.num_draft_tokens = speculation.max_draft_len
     if speculation.decoding_type == "NGram":
         config.speculative_method = "ngram"
-        config.num_draft_tokens = speculation.max_draft_len
-        return
-    log.warning(
-        "speculative_config.decoding_type %s is not implemented by the engine yet; serving "
-        "without speculative decoding (NGram is available)",
-        speculation.decoding_type,
-    )
+    elif speculation.decoding_type == "MTP":
+        # The engine drafts with the first NextN layer, chained (as SGLang and vLLM do);
+        # a checkpoint without one fails at startup, naming what is missing.
+        config.speculative_method = "mtp"
+    else:
+        config.speculative_method = "eagle"
+        config.speculative_model = resolve_draft_dir(spec, roots)
+        # eagle3_one_model needs nothing here: head and target already share one process.
 
 
 def build_server(spec: Any, model_dir: Path, options: ServeOptions) -> tuple[Any, AsyncEngine]:
@@ -98,7 +127,7 @@ def build_server(spec: Any, model_dir: Path, options: ServeOptions) -> tuple[Any
     )
     if options.kv_cache_bytes is not None:
         config.kv_cache_bytes = options.kv_cache_bytes
-    _speculate(config, spec.speculation)
+    _speculate(config, spec, [*options.search_roots, Path.cwd(), model_dir.parent])
     llm = LLMEngine(config)
     # Subscribed before the engine thread starts, so the log sees every event from id 1.
     kv_event_log = KVEventLog(llm.kv_events, block_size=config.page_size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -156,8 +157,8 @@ class DecoderLayer(nn.Module):
 class MtpLayer(nn.Module):
     """One multi-token-prediction (NextN) layer of DeepSeek-V3 / GLM-4.5: it predicts the token
     after next from the main model's last hidden state h and the next token's embedding e as
-    norm(block(eh_proj([enorm(e), hnorm(h)]))), through the shared head. Loaded and kept for
-    speculative decoding; the engine does not run it yet.
+    norm(block(eh_proj([enorm(e), hnorm(h)]))), through the shared head. Speculative decoding
+    runs it as a draft model (`speculative/mtp.py`).
 
     Checkpoint names: model.layers.{num_layers + i}.{enorm, hnorm, eh_proj, shared_head.norm}
     and the block's own decoder-layer tensors; the embedding and head are shared."""
@@ -180,14 +181,36 @@ class DecoderModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg.rope_head_dim, cfg.rope, cfg.max_position_embeddings)
 
     def forward(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attn: AttentionBackend,
+        aux_layers: tuple[int, ...] = (),
+        aux_out: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Hidden states after the last layer, before the final norm: [T, hidden]."""
+        """Hidden states after the last layer, before the final norm: [T, hidden]. The outputs
+        of the layers in `aux_layers` are appended to `aux_out`, in that order."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb(positions, x.dtype)  # once per step, shared by all layers
-        for layer in self.layers:
+        outputs: dict[int, torch.Tensor] = {}
+        for i, layer in enumerate(self.layers):
             x = layer(x, positions, cos, sin, attn)
+            if i in aux_layers:
+                outputs[i] = x
+        if aux_out is not None:
+            aux_out.extend(outputs[i] for i in aux_layers)
         return x
+
+
+@dataclass
+class HiddenCapture:
+    """Asks a forward for the hidden states a draft model reads, beside the logits: every
+    token's final hidden state after the last norm (MTP, EAGLE), and the outputs of
+    `aux_layers` side by side (EAGLE-3's low, middle and high features)."""
+
+    aux_layers: tuple[int, ...] = ()
+    final: torch.Tensor | None = None  # [T, hidden]
+    aux: torch.Tensor | None = None  # [T, len(aux_layers) * hidden]
 
 
 class DecoderForCausalLM(nn.Module):
@@ -219,16 +242,30 @@ class DecoderForCausalLM(nn.Module):
 
     # no_grad rather than inference_mode: callers may edit the returned logits in place.
     @torch.no_grad()
-    def forward(self, batch: ForwardBatch, attn: AttentionBackend) -> torch.Tensor:
-        """float32 logits [N, vocab] for the rows `batch.logits_indices`.
+    def forward(
+        self, batch: ForwardBatch, attn: AttentionBackend, capture: HiddenCapture | None = None
+    ) -> torch.Tensor:
+        """float32 logits [N, vocab] for the rows `batch.logits_indices`; `capture`, when
+        given, receives hidden states of every token.
 
         The caller runs `attn.begin(batch)` first (the model runner does), so the step's
         attention metadata is built once, outside the model."""
-        hidden = self.model(batch.input_ids, batch.positions, attn)
-        # The final norm and the head are per row: compute them only where logits are needed.
-        hidden = self.model.norm(hidden[batch.logits_indices])
-        head = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, head).float()
+        if capture is None:
+            hidden = self.model(batch.input_ids, batch.positions, attn)
+            # The final norm and the head are per row: only where logits are needed.
+            hidden = self.model.norm(hidden[batch.logits_indices])
+        else:
+            aux: list[torch.Tensor] = []
+            hidden = self.model(batch.input_ids, batch.positions, attn, capture.aux_layers, aux)
+            capture.final = self.model.norm(hidden)
+            capture.aux = torch.cat(aux, dim=-1) if aux else None
+            hidden = capture.final[batch.logits_indices]
+        return F.linear(hidden, self.head_weight).float()
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """[vocab, hidden]: the output head, or the embedding matrix of a tied model."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def convert_checkpoint_tensors(
         self, weights: Iterable[tuple[str, torch.Tensor]]
