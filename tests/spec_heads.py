@@ -114,20 +114,8 @@ def _single_sequence_batch(tokens: list[int], first_position: int, logits_row: i
     )
 
 
-@torch.inference_mode()
-def reference_drafts(
-    target: DecoderForCausalLM,
-    draft: DraftModel,
-    kv_layout: tuple[int, int, int | None, bool],
-    tokens: list[int],
-    k: int,
-) -> list[int]:
-    """What the draft model proposes after `tokens`, computed from scratch on one sequence:
-    the target's hidden states over tokens[:-1], the draft over them paired with tokens[1:],
-    then k - 1 chained steps on the draft's own output. No pages, no prefix cache, no
-    earlier steps."""
-    n = len(tokens) - 1
-    slots = n + k
+def _pools(target: DecoderForCausalLM, draft: DraftModel, kv_layout, slots: int):  # type: ignore[no-untyped-def]
+    """Attention over fresh single-sequence pools (page size 1: slot = position)."""
     cfg = target.config
     heads, dim, v_dim, shared = kv_layout
     dtype = target.head_weight.dtype
@@ -146,17 +134,49 @@ def reference_drafts(
         v_head_dim=lay.v_head_dim,
         shared_kv=lay.shared_kv,
     )
-    attn = TorchAttentionBackend(pool.k_buffers, pool.v_buffers)
-    draft_attn = TorchAttentionBackend(draft_pool.k_buffers, draft_pool.v_buffers)
+    return (
+        TorchAttentionBackend(pool.k_buffers, pool.v_buffers),
+        TorchAttentionBackend(draft_pool.k_buffers, draft_pool.v_buffers),
+    )
+
+
+@torch.inference_mode()
+def draft_hidden_states(
+    target: DecoderForCausalLM,
+    draft: DraftModel,
+    kv_layout: tuple[int, int, int | None, bool],
+    tokens: list[int],
+    extra_slots: int = 0,
+) -> tuple[torch.Tensor, TorchAttentionBackend]:
+    """The draft's hidden state at every position of tokens[:-1] (each paired with the token
+    after it), from one target forward and one draft forward over a fresh pool; also the
+    draft's attention, whose pool has `extra_slots` free positions after them."""
+    n = len(tokens) - 1
+    attn, draft_attn = _pools(target, draft, kv_layout, n + extra_slots)
     fb = _single_sequence_batch(tokens[:-1], 0, n - 1)
     capture = HiddenCapture(aux_layers=draft.aux_layers)
     attn.begin(fb)
     target(fb, attn, capture)
     draft_fb = _single_sequence_batch(tokens[1:], 0, n - 1)
     draft_attn.begin(draft_fb)
-    hidden = draft(
-        draft_fb.input_ids, draft.target_features(capture), draft_fb.positions, draft_attn
-    )
+    features = draft.target_features(capture)
+    return draft(draft_fb.input_ids, features, draft_fb.positions, draft_attn), draft_attn
+
+
+@torch.inference_mode()
+def reference_drafts(
+    target: DecoderForCausalLM,
+    draft: DraftModel,
+    kv_layout: tuple[int, int, int | None, bool],
+    tokens: list[int],
+    k: int,
+) -> list[int]:
+    """What the draft model proposes after `tokens`, computed from scratch on one sequence:
+    the target's hidden states over tokens[:-1], the draft over them paired with tokens[1:],
+    then k - 1 chained steps on the draft's own output. No pages, no prefix cache, no
+    earlier steps."""
+    n = len(tokens) - 1
+    hidden, draft_attn = draft_hidden_states(target, draft, kv_layout, tokens, extra_slots=k)
     hidden = hidden[-1:]
     proposed = [int(draft.propose(hidden)[0])]
     for step in range(1, k):

@@ -142,8 +142,6 @@ class LLMEngine:
         if config.cpu_kernels and self.device.type == "cpu" and cpu_kernels.available():
             if isinstance(model, torch.nn.Module):
                 set_experts_backend(model, CpuExpertsBackend())
-            if draft is not None:
-                set_experts_backend(draft, CpuExpertsBackend())
             if attention is TorchAttentionBackend:
                 attention = CpuAttentionBackend
         self.runner = ModelRunner(

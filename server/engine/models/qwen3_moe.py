@@ -39,4 +39,7 @@ class Qwen3MoeForCausalLM(DecoderForCausalLM):
             moe_intermediate_size=hf_config.get("moe_intermediate_size") or 768,
             # The class default is False; released checkpoints set it to true.
             renormalize=bool(hf_config.get("norm_topk_prob", False)),
+            # NextN layers in DeepSeek's layout (model.layers.{num_layers + i}.*), as the
+            # embedded model's trained MTP layer is stored; transformers' class has none.
+            num_mtp_layers=hf_config.get("num_nextn_predict_layers") or 0,
         )
