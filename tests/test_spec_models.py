@@ -10,6 +10,7 @@ pages shared with the target and the prefix cache keep the draft exact).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -152,9 +153,16 @@ def test_draft_model_errors_name_what_is_missing(checkpoint, tmp_path):
         make_engine(checkpoint("deepseek_v3"), speculative_method="mtp")
     with pytest.raises(EngineConfigError, match=r"config\.json does not exist"):
         make_engine(checkpoint("qwen3_moe"), speculative_method="eagle", speculative_model=tmp_path)
-    wrong = write_eagle_head(checkpoint("deepseek_v3"), tmp_path / "other", eagle3=True)
-    (wrong / "config.json").write_text(
-        (wrong / "config.json").read_text().replace('"hidden_size": 64', '"hidden_size": 48')
-    )
-    with pytest.raises(EngineConfigError, match="hidden_size 48 does not match"):
-        make_engine(checkpoint("qwen3_moe"), speculative_method="eagle", speculative_model=wrong)
+    head = write_eagle_head(checkpoint("deepseek_v3"), tmp_path / "other", eagle3=True)
+    good = json.loads((head / "config.json").read_text())
+    for edit, message in (
+        ({"hidden_size": 48}, "hidden_size 48 does not match"),
+        (
+            {"eagle_config": {"eagle_aux_hidden_state_layer_ids": [0, 1, 7]}},
+            r"layer 7 is not one of the target's layers 0\.\.2",
+        ),
+        ({"num_attention_heads": None}, r"config\.json has no 'num_attention_heads'"),
+    ):
+        (head / "config.json").write_text(json.dumps({**good, **edit}))
+        with pytest.raises(EngineConfigError, match=message):
+            make_engine(checkpoint("qwen3_moe"), speculative_method="eagle", speculative_model=head)

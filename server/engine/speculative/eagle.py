@@ -96,12 +96,18 @@ class EagleDraft(DraftModel):
         self._target_head = target.head_weight.data
         if eagle3:
             eagle_cfg = hf_config.get("eagle_config") or {}
-            layers = eagle_cfg.get("eagle_aux_hidden_state_layer_ids") or [
-                1,
-                num_target_layers // 2 - 1,
-                num_target_layers - 4,
-            ]
-            self.aux_layers = tuple(max(0, min(int(i), num_target_layers - 1)) for i in layers)
+            layers = eagle_cfg.get("eagle_aux_hidden_state_layer_ids")
+            if layers is None:
+                # Clamped, so that targets shallower than four layers still get three.
+                defaults = (1, num_target_layers // 2 - 1, num_target_layers - 4)
+                layers = [max(0, min(i, num_target_layers - 1)) for i in defaults]
+            bad = [i for i in layers if not 0 <= int(i) < num_target_layers]
+            if bad:
+                raise EagleCheckpointError(
+                    f"eagle_config.eagle_aux_hidden_state_layer_ids: layer {bad[0]} is not one "
+                    f"of the target's layers 0..{num_target_layers - 1}"
+                )
+            self.aux_layers = tuple(int(i) for i in layers)
             self.fc = nn.Linear(len(self.aux_layers) * hidden, hidden, bias=False)
             attention = Attention(cfg, 0)
             # The fused q/k/v projection reads the 2H-wide [embedding, hidden] input.
@@ -172,7 +178,12 @@ def load_eagle_head(
             f"speculative model {path}: neither an EAGLE-3 head (midlayer.*) nor an EAGLE head "
             "(layers.0.*)"
         )
-    head = EagleDraft(hf_config, target, eagle3=eagle3, fc_bias="fc.bias" in tensors)
+    try:
+        head = EagleDraft(hf_config, target, eagle3=eagle3, fc_bias="fc.bias" in tensors)
+    except EagleCheckpointError as exc:
+        raise EagleCheckpointError(f"speculative model {path}: {exc}") from exc
+    except ValueError as exc:  # the config is not a Llama layer this engine can run
+        raise EagleCheckpointError(f"speculative model {path}: config.json: {exc}") from exc
     if "embed_tokens.weight" in tensors:
         head.embed_tokens = nn.Embedding(*tensors["embed_tokens.weight"].shape)
     if not eagle3 and "layers.0.input_layernorm.weight" not in tensors:
