@@ -29,6 +29,7 @@ from bisllm_server.engine.kv_cache import (
     kv_budget_bytes,
     pages_for_budget,
 )
+from bisllm_server.engine.kv_handoff import KVHandoff
 from bisllm_server.engine.layers.moe import set_experts_backend
 from bisllm_server.engine.loader import ModelConfig, load_model
 from bisllm_server.engine.model_runner import CausalModel, ModelRunner
@@ -171,6 +172,8 @@ class LLMEngine:
         self._spec = {"drafted": 0, "accepted": 0, "verified": 0}
 
         self._requests: dict[str, Request] = {}
+        # Finished hold_kv requests whose pages wait for export_kv / release_kv.
+        self._held: dict[str, Request] = {}
         # Finished requests that `generate` waits for; streaming callers only get the deltas.
         self._collect: dict[str, Request | None] = {}
         self._inbox: list[tuple[str, Any]] = []
@@ -255,9 +258,18 @@ class LLMEngine:
         *,
         request_id: str | None = None,
         detokenize: bool = True,
+        hold_kv: bool = False,
+        kv: KVHandoff | None = None,
     ) -> str:
-        """Queue a request (thread-safe); it joins the batch at the next step."""
+        """Queue a request (thread-safe); it joins the batch at the next step.
+
+        Disaggregation (kv_handoff.py): `hold_kv` keeps the request's pages after it finishes,
+        for `export_kv`, until `release_kv`; `kv` starts it from a prompt prefilled elsewhere
+        (`prompt` must be that prompt), decoding on from the handoff's first token."""
         req = self._make_request(prompt, params or SamplingParams(), request_id, detokenize)
+        req.hold_kv = hold_kv
+        if kv is not None:
+            self._accept_handoff(req, kv)
         with self._inbox_lock:
             if req.request_id in self._requests or any(
                 kind == "add" and item.request_id == req.request_id for kind, item in self._inbox
@@ -265,6 +277,65 @@ class LLMEngine:
                 raise RequestError(f"request_id {req.request_id!r} is already in use")
             self._inbox.append(("add", req))
         return req.request_id
+
+    def export_kv(self, request_id: str) -> KVHandoff:
+        """The K/V of a finished `hold_kv` request's prompt, and its first token."""
+        req = self._held.get(request_id)
+        if req is None:
+            raise RequestError(f"request_id {request_id!r} holds no KV (not finished with hold_kv)")
+        if req.num_output_tokens < 1 or req.num_computed < req.num_prompt_tokens:
+            raise RequestError(f"request_id {request_id!r} ended before its prompt was prefilled")
+        pages = req.pages[: -(-req.num_prompt_tokens // self.page_size)]
+        return KVHandoff(
+            prompt_ids=list(req.prompt_ids),
+            first_token=req.output_ids[0],
+            page_size=self.page_size,
+            data=self.kv_pool.export_pages(pages),
+        )
+
+    def release_kv(self, request_id: str) -> None:
+        """Give back the pages a `hold_kv` request kept (into the prefix cache where full).
+        Call it from the stepping thread, between steps; unknown ids are ignored."""
+        req = self._held.pop(request_id, None)
+        if req is not None:
+            self.scheduler.release_held(req)
+            self.stats = self._snapshot(ScheduledBatch(), 0, 0.0, 0.0, 0.0)  # pages changed
+
+    def _accept_handoff(self, req: Request, kv: KVHandoff) -> None:
+        kv.validate()
+        if kv.prompt_ids != req.prompt_ids:
+            raise RequestError("kv: the handoff was prefilled from a different prompt")
+        if kv.page_size != self.page_size:
+            raise RequestError(
+                f"kv: page_size {kv.page_size} differs from this engine's {self.page_size}"
+            )
+        pool = self.kv_pool
+        expected = (pool.num_layers, 1 if pool.shared_kv else 2, pool.page_size)
+        expected += (pool.num_kv_heads, pool.head_dim)
+        if (kv.data.shape[0], kv.data.shape[1], *kv.data.shape[3:]) != expected:
+            raise RequestError(
+                f"kv: K/V layout {tuple(kv.data.shape)} does not match this model's cache"
+            )
+        if req.params.max_tokens < 2:
+            raise RequestError("kv: a handed-off request needs max_tokens >= 2")
+        req.kv_import = kv
+        req.token_ids.append(kv.first_token)
+        if req.detokenizer is not None:
+            req.text += req.detokenizer.add(kv.first_token)
+
+    def _import_handoffs(self, batch: ScheduledBatch) -> None:
+        """Write the K/V of handed-off requests admitted this step into their pages (those
+        the local prefix cache did not already provide); they then decode like any other."""
+        for req, _ in batch.items:
+            kv = req.kv_import
+            if kv is None:
+                continue
+            first = req.num_computed // self.page_size  # whole pages matched locally
+            last = -(-kv.num_tokens // self.page_size)
+            if last > first:
+                self.kv_pool.import_pages(req.pages[first:last], kv.data[:, :, first:last])
+            req.num_computed = req.seq_len - 1
+            req.kv_import = None
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV at the next step (thread-safe; unknown ids ignored)."""
@@ -280,6 +351,7 @@ class LLMEngine:
         outputs = self._drain_inbox()
         drafted = self._propose_drafts()
         batch = self.scheduler.schedule()
+        self._import_handoffs(batch)
         self._fit_drafts(batch, drafted)
         if self.drafter is not None:
             self.drafter.chain(drafted)
@@ -558,7 +630,10 @@ class LLMEngine:
         return outputs
 
     def _finish(self, req: Request) -> None:
-        self.scheduler.finish(req)
+        hold = req.hold_kv and req.num_output_tokens > 0 and req.finish_reason != "abort"
+        self.scheduler.finish(req, hold=hold)
+        if hold:
+            self._held[req.request_id] = req
         del self._requests[req.request_id]
         if req.request_id in self._collect:
             self._collect[req.request_id] = req

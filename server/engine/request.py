@@ -12,6 +12,7 @@ from bisllm_server.engine.sampling import SamplingParams
 
 if TYPE_CHECKING:
     from bisllm_server.engine.detokenizer import IncrementalDetokenizer
+    from bisllm_server.engine.kv_handoff import KVHandoff
 
 
 class RequestStatus(enum.Enum):
@@ -44,6 +45,10 @@ class Request:
     row: int = -1  # row of the runner's page table while running
     num_synced_pages: int = 0  # pages already copied into that row; reset when pages change
     prefill_hit: int = 0  # tokens matched in the prefix cache at the latest admission
+    # Disaggregation: K/V of the prompt computed elsewhere, written in at admission instead of
+    # prefilling; and whether this request's pages outlive it until exported (kv_handoff.py).
+    kv_import: KVHandoff | None = None
+    hold_kv: bool = False
     # Speculative decoding: the last `num_draft` of `token_ids` are unverified draft tokens.
     # They exist only within one engine step (proposed, scheduled, verified, then removed).
     num_draft: int = 0

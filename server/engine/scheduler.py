@@ -70,14 +70,24 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
 
-    def finish(self, req: Request) -> None:
-        """Drop a request from whichever queue holds it and release its KV (caching it)."""
+    def finish(self, req: Request, *, hold: bool = False) -> None:
+        """Drop a request from whichever queue holds it and release its KV (caching it); with
+        `hold`, a running request keeps its pages until `release_held`."""
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
-            self._release(req)
+            if hold:
+                self.free_rows.append(req.row)
+                req.row = -1
+            else:
+                self._release(req)
         elif req.status is RequestStatus.WAITING:
             self.waiting.remove(req)
         req.status = RequestStatus.FINISHED
+
+    def release_held(self, req: Request) -> None:
+        """Release the pages of a request finished with `hold` (see `_release`)."""
+        req.row = self.free_rows.pop()  # _release gives a row back
+        self._release(req)
 
     @property
     def num_unfinished(self) -> int:
@@ -148,6 +158,10 @@ class Scheduler:
                 self.cache.lock(node)
             matched = len(matched_pages) * self.page_size
             remaining = req.seq_len - matched
+            if req.kv_import is not None:
+                # The prompt's K/V arrives with the request: only the first token is left to
+                # compute, but the prompt still needs its pages.
+                remaining = 1
             # Without chunking the whole prompt must fit in one step (head-of-line wait). A
             # retracted request may have outgrown the budget; it alone is still chunked.
             if not self.enable_chunked_prefill and budget < remaining <= self.max_num_tokens:
@@ -158,7 +172,7 @@ class Scheduler:
             req.num_tree_pages = len(matched_pages)
             req.cache_node = node
             req.num_computed = matched
-            if not self._reserve(req, matched + n):
+            if not self._reserve(req, req.seq_len - remaining + n):
                 req.pages, req.num_tree_pages, req.cache_node, req.num_computed = [], 0, None, 0
                 self._unlock(node)
                 return
