@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 from test_engine_correctness import (
     IGNORE_EOS,
     MIN_TOKENS,
@@ -21,7 +22,7 @@ from test_spec_decode import CODE, EMBEDDED, PROMPTS
 
 from bisllm_server.engine.config import EngineConfig
 from bisllm_server.engine.engine import LLMEngine, RequestError
-from bisllm_server.engine.kv_handoff import KVHandoff
+from bisllm_server.engine.kv_handoff import HandoffFormatError, KVHandoff
 from bisllm_server.engine.sampling import SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -129,3 +130,31 @@ def test_bad_handoffs_are_refused_naming_the_problem(checkpoint):
     with pytest.raises(RequestError, match="holds no KV"):
         prefiller.export_kv(rid)
     assert_no_leaked_pages(prefiller)
+
+
+@pytest.mark.parametrize("variant", ["qwen3_moe", "deepseek_v3"])
+def test_the_wire_format_round_trips_and_refuses_damage(variant, checkpoint):
+    path = checkpoint(variant)
+    (kv,) = prefill(make_engine(path, page_size=4), [PROMPTS[1]], [params(IGNORE_EOS)])
+    for data in (kv.data, kv.data.bfloat16()):
+        original = dataclasses.replace(kv, data=data)
+        back = KVHandoff.from_bytes(original.to_bytes())
+        assert back.prompt_ids == kv.prompt_ids and back.first_token == kv.first_token
+        assert back.data.dtype == data.dtype and torch.equal(back.data, data)
+    payload = bytearray(kv.to_bytes())
+    flipped = bytearray(payload)
+    flipped[-5] ^= 0x40
+    with pytest.raises(HandoffFormatError, match="checksum mismatch"):
+        KVHandoff.from_bytes(bytes(flipped))
+    with pytest.raises(HandoffFormatError, match="bytes of K/V, the header announces"):
+        KVHandoff.from_bytes(bytes(payload[:-7]))
+    with pytest.raises(HandoffFormatError, match="bad magic"):
+        KVHandoff.from_bytes(b"GIF89a" + bytes(payload[6:]))
+    # Decoded from the wire, it still decodes to transformers' tokens.
+    engine = make_engine(path, page_size=4)
+    (tokens,) = decode(
+        [engine], [PROMPTS[1]], [params(IGNORE_EOS)], [KVHandoff.from_bytes(bytes(payload))]
+    )
+    (direct,) = decode([make_engine(path, page_size=4)], [PROMPTS[1]], [params(IGNORE_EOS)], [kv])
+    assert tokens == direct
+    assert_no_leaked_pages(engine)
