@@ -584,12 +584,18 @@ def evaluate_by_kind(
 
 def train(args: argparse.Namespace) -> dict:
     """Build the data, train, save (if --out) and return the run's record (recipe.json)."""
+    return reproducibly(_train, args)
+
+
+def reproducibly(body: Callable[[argparse.Namespace], dict], args: argparse.Namespace) -> dict:
+    """body(args) with deterministic algorithms and `args.threads` threads (recipe/mtp.py
+    trains this way too)."""
     deterministic = torch.are_deterministic_algorithms_enabled()
     threads = torch.get_num_threads()
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(args.threads)
     try:
-        return _train(args)
+        return body(args)
     finally:  # callers in the same process (tests) keep their own settings
         torch.use_deterministic_algorithms(deterministic)
         torch.set_num_threads(threads)

@@ -50,6 +50,7 @@ from recipe.eagle import (
     draft_embeds,
     heldout_text,
     load_target,
+    reproducibly,
     rotate_half,
     shifted,
     shown_path,
@@ -277,15 +278,8 @@ def evaluate(layer: MtpLayer, embed: torch.Tensor, data: Windows, steps: int) ->
 
 
 def train(args: argparse.Namespace) -> dict:
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    threads = torch.get_num_threads()
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(args.threads)
-    try:
-        return _train(args)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
-        torch.set_num_threads(threads)
+    """Build the data, train, save (if --out) and return the run's record (recipe.json)."""
+    return reproducibly(_train, args)
 
 
 def _train(args: argparse.Namespace) -> dict:
