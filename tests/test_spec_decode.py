@@ -230,16 +230,16 @@ def test_embedded_model_ngram_matches_plain_decoding_with_stops() -> None:
     assert_no_leaked_pages(spec)
 
 
-def test_many_speculative_requests_with_aborts_leak_no_pages() -> None:
-    engine = _embedded(
-        speculative_method="ngram", num_draft_tokens=6, page_size=4, max_num_tokens=24
-    )
+def run_with_aborts(engine: LLMEngine, prompts: list[str], abort_at_step: int) -> None:
+    """12 speculating requests over `prompts` (pages of 4 tokens), every third aborted at
+    `abort_at_step`; pages reserved for rejected drafts must go back at once, and none may
+    be left when all are done."""
     sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-    rids = [engine.add_request(CODE[i % len(CODE)], sp) for i in range(12)]
+    rids = [engine.add_request(prompts[i % len(prompts)], sp) for i in range(12)]
     aborted = set(rids[::3])
     steps = 0
     while engine.has_unfinished_requests():
-        if steps == 6:
+        if steps == abort_at_step:
             for rid in aborted:
                 engine.abort(rid)
         for out in engine.step():
@@ -256,6 +256,13 @@ def test_many_speculative_requests_with_aborts_leak_no_pages() -> None:
     assert s.spec_draft_tokens_total > s.spec_accepted_tokens_total > 0
     assert engine.scheduler.pages_held_by_requests() == 0
     assert_no_leaked_pages(engine)
+
+
+def test_many_speculative_requests_with_aborts_leak_no_pages() -> None:
+    engine = _embedded(
+        speculative_method="ngram", num_draft_tokens=6, page_size=4, max_num_tokens=24
+    )
+    run_with_aborts(engine, CODE, abort_at_step=6)
 
 
 # -- through the server --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from spec_heads import reference_drafts
 from test_engine_correctness import assert_no_leaked_pages
-from test_spec_decode import CODE, EMBEDDED
+from test_spec_decode import CODE, EMBEDDED, run_with_aborts
 
 from bisllm_server.engine.config import EngineConfig
 from bisllm_server.engine.engine import LLMEngine
@@ -147,26 +147,7 @@ def test_drafts_over_accepted_runs_equal_the_draft_recomputed_from_scratch(specu
 @pytest.mark.parametrize("speculative", METHODS, indirect=True)
 def test_many_requests_with_aborts_leak_no_pages(speculative) -> None:
     engine = speculative(num_draft_tokens=5, page_size=4, max_num_tokens=24)
-    sp = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
-    rids = [engine.add_request(PROMPTS[i % len(PROMPTS)], sp) for i in range(12)]
-    aborted = set(rids[::3])
-    steps = 0
-    while engine.has_unfinished_requests():
-        if steps == 5:
-            for rid in aborted:
-                engine.abort(rid)
-        for out in engine.step():
-            if out.finished:
-                assert out.finish_reason == ("abort" if out.request_id in aborted else "length")
-        for req in engine.scheduler.running:
-            assert len(req.pages) <= -(-req.seq_len // 4), (req.request_id, len(req.pages))
-            assert req.num_draft == 0
-        steps += 1
-        assert steps < 2000
-    s = engine.stats
-    assert s.spec_draft_tokens_total > s.spec_accepted_tokens_total > 0
-    assert engine.scheduler.pages_held_by_requests() == 0
-    assert_no_leaked_pages(engine)
+    run_with_aborts(engine, PROMPTS, abort_at_step=5)
 
 
 def test_speculative_config_eagle_and_mtp_through_the_server() -> None:

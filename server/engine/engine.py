@@ -360,8 +360,10 @@ class LLMEngine:
         if batch:
             fb, sampled, spans = self.runner.prepare(batch)
             # Where each item starts, for the draft model's pass after sampling.
-            items = [(req, req.num_computed, n) for req, n in batch.items]
-            capture = self.drafter.capture() if self.drafter is not None else None
+            items, capture = [], None
+            if self.drafter is not None:
+                items = [(req, req.num_computed, n) for req, n in batch.items]
+                capture = self.drafter.capture()
             forward_start = time.perf_counter()
             schedule_seconds = forward_start - start
             logits = self.runner.forward(fb, capture)

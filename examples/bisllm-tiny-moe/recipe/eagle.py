@@ -32,7 +32,7 @@ import platform
 import random
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -601,6 +601,18 @@ def reproducibly(body: Callable[[argparse.Namespace], dict], args: argparse.Name
         torch.set_num_threads(threads)
 
 
+def batch_indices(count: int, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """`steps` batches of window indices: a seeded shuffle, taken in order, reshuffled when
+    fewer than a batch remain (recipe/mtp.py draws its batches the same way)."""
+    order = torch.Generator().manual_seed(seed)
+    perm, cursor = torch.randperm(count, generator=order), 0
+    for _ in range(steps):
+        if cursor + batch_size > len(perm):  # next epoch, new order
+            perm, cursor = torch.randperm(count, generator=order), 0
+        yield perm[cursor : cursor + batch_size]
+        cursor += batch_size
+
+
 def _train(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -645,19 +657,15 @@ def _train(args: argparse.Namespace) -> dict:
         betas=(0.9, 0.95),
     )
     step_weights = [args.step_decay**j for j in range(args.ttt_steps)]
-    order = torch.Generator().manual_seed(args.seed)
-    perm, cursor = torch.randperm(len(train), generator=order), 0
     log: list[dict] = []
     loss_log = args.loss_log or (args.out / "training_log.jsonl" if args.out else None)
     if loss_log:
         loss_log.parent.mkdir(parents=True, exist_ok=True)
         loss_log.write_text("")  # one run per log
-    bar = tqdm(range(args.steps), desc="training", unit="step")
-    for step in bar:
-        if cursor + args.batch_size > len(perm):  # next epoch, new order
-            perm, cursor = torch.randperm(len(train), generator=order), 0
-        batch = train.take(perm[cursor : cursor + args.batch_size])
-        cursor += args.batch_size
+    batches = batch_indices(len(train), args.batch_size, args.steps, args.seed)
+    bar = tqdm(batches, total=args.steps, desc="training", unit="step")
+    for step, idx in enumerate(bar):
+        batch = train.take(idx)
         lr = lr_at(step, args.steps, args.lr, args.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr

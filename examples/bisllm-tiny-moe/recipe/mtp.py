@@ -46,6 +46,7 @@ from recipe.eagle import (
     HERE,
     RMSNorm,
     Windows,
+    batch_indices,
     corpus_for,
     draft_embeds,
     heldout_text,
@@ -306,19 +307,15 @@ def _train(args: argparse.Namespace) -> dict:
         betas=(0.9, 0.95),
     )
     step_weights = [args.step_decay**j for j in range(args.ttt_steps)]
-    order = torch.Generator().manual_seed(args.seed)
-    perm, cursor = torch.randperm(len(train), generator=order), 0
     log: list[dict] = []
     loss_log = args.out / "training_log.jsonl" if args.out else None
     if loss_log:
         loss_log.parent.mkdir(parents=True, exist_ok=True)
         loss_log.write_text("")
-    bar = tqdm(range(args.steps), desc="training", unit="step")
-    for step in bar:
-        if cursor + args.batch_size > len(perm):
-            perm, cursor = torch.randperm(len(train), generator=order), 0
-        batch = train.take(perm[cursor : cursor + args.batch_size])
-        cursor += args.batch_size
+    batches = batch_indices(len(train), args.batch_size, args.steps, args.seed)
+    bar = tqdm(batches, total=args.steps, desc="training", unit="step")
+    for step, idx in enumerate(bar):
+        batch = train.take(idx)
         lr = lr_at(step, args.steps, args.lr, args.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
