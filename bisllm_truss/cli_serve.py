@@ -26,10 +26,34 @@ DEFAULT_CONFIG = (
 )
 @click.option(
     "--role",
-    type=click.Choice(["worker", "router"]),
+    type=click.Choice(["worker", "router", "prefill", "decode"]),
     default="worker",
     show_default=True,
-    help="worker: an engine; router: the KV-aware router in front of --workers.",
+    help="worker: an engine; router: the KV-aware router in front of --workers; prefill / "
+    "decode: an engine announced to the router in that pool of a disaggregated deployment.",
+)
+@click.option(
+    "--disaggregated",
+    is_flag=True,
+    help="Start one replication unit on this machine: the config's b10_disagg_config prefill "
+    "and decode workers behind the router (with --autoscale, MIN..MAX units, each pool scaled "
+    "on its own in-flight tokens).",
+)
+@click.option(
+    "--max-local-prefill-tokens",
+    type=click.IntRange(min=0),
+    default=512,
+    show_default=True,
+    help="Router, disaggregated: prompts with at most this many tokens not cached on their "
+    "decode worker are prefilled there, not on a prefill worker.",
+)
+@click.option(
+    "--max-prefill-queue",
+    type=click.IntRange(min=0),
+    default=8,
+    show_default=True,
+    help="Router, disaggregated: prefill locally when every prefill worker has this many "
+    "requests in flight (0: never).",
 )
 @click.option(
     "--workers",
@@ -114,6 +138,9 @@ DEFAULT_CONFIG = (
 def serve(
     config: Path | None,
     role: str,
+    disaggregated: bool,
+    max_local_prefill_tokens: int,
+    max_prefill_queue: int,
     workers: str | None,
     autoscale: bool,
     autoscale_interval: float,
@@ -149,7 +176,20 @@ def serve(
         strict_model_name,
         log_level,
         autoscale_interval,
+        max_local_prefill_tokens,
+        max_prefill_queue,
     )
+    if disaggregated and (role != "worker" or workers is not None):
+        raise click.UsageError(
+            "--disaggregated starts a whole unit (router, prefill and decode workers); it takes "
+            "no --role or --workers (the unit's sizes come from b10_disagg_config)"
+        )
+    if disaggregated and not spec.disaggregation.enabled:
+        raise click.UsageError(
+            f"--disaggregated: {config} does not enable disaggregation; set "
+            "llm_config.is_disaggregated: true and b10_disagg_config: "
+            "{prefill_workers_per_replica: P, decode_workers_per_replica: D}"
+        )
     if role == "router":
         if not workers:
             raise click.UsageError("--role router needs --workers HOST:PORT[,HOST:PORT...]")
@@ -165,10 +205,9 @@ def serve(
         if manifests
         else sorted(config.parent.glob("manifest.*.json"))
     )
-    if autoscale and workers is None:
+    if autoscale and workers is None and not disaggregated:
         workers = f"{spec.autoscaling.min_replica}..{spec.autoscaling.max_replica}"
-    if workers is not None:
-        bounds = _worker_bounds(workers, autoscale)
+    if workers is not None or disaggregated:
         _hydrate_weights(manifest_paths, cache)
         extra = [
             "--device",
@@ -186,7 +225,12 @@ def serve(
             extra += ["--manifests", str(manifests)]
         if strict_model_name:
             extra.append("--strict-model-name")
-        _serve_fleet(spec, config, bounds, autoscale, extra, router_options)
+        if disaggregated:
+            _serve_unit(spec, config, autoscale, extra, router_options)
+        else:
+            assert workers is not None
+            bounds = _worker_bounds(workers, autoscale)
+            _serve_fleet(spec, config, bounds, autoscale, extra, router_options)
         return
 
     import uvicorn
@@ -208,6 +252,7 @@ def serve(
             max_queued_requests=max_queued_requests,
             strict_model_name=strict_model_name,
             search_roots=_search_roots(config),
+            role="both" if role == "worker" else role,
         )
         click.echo(f"loading {spec.served_model_name} from {model_dir} ...", err=True)
         app, engine = build_server(spec, model_dir, options)
@@ -231,6 +276,19 @@ class RouterCLIOptions(NamedTuple):
     strict_model_name: bool
     log_level: str
     autoscale_interval: float
+    max_local_prefill_tokens: int
+    max_prefill_queue: int
+
+
+class ScaledPool(NamedTuple):
+    """Workers the router's autoscaler sizes as one: an aggregated deployment's only pool,
+    or a disaggregated one's prefill or decode pool."""
+
+    name: str  # workers | prefill | decode
+    role: str | None  # the workers' announced role (None: every worker)
+    initial: int
+    fleet: Any = None  # a local WorkerFleet the planner starts and retires workers of
+    bounds: tuple[int, int] | None = None  # with a fleet: (min, max) workers
 
 
 def _worker_bounds(text: str, autoscale: bool) -> tuple[int, int]:
@@ -266,7 +324,12 @@ def _router_service(spec, config: Path, workers: str, options: RouterCLIOptions)
     except ModelDirectoryError:
         tokenizer = None  # a router pod without the weights asks the workers to tokenize
         click.echo("router: no local checkpoint; prompts are tokenized by the workers", err=True)
-    router_config = RouterConfig.from_mapping(spec.routing.model_dump(), policy=options.policy)
+    router_config = RouterConfig.from_mapping(
+        spec.routing.model_dump(),
+        policy=options.policy,
+        disagg_max_local_prefill_tokens=options.max_local_prefill_tokens,
+        disagg_max_prefill_queue=options.max_prefill_queue,
+    )
     try:
         return RouterService(
             router_config,
@@ -290,14 +353,14 @@ def _serve_router(
     workers: str,
     options: RouterCLIOptions,
     on_stop: Callable[[], None] | None = None,
-    fleet: Any = None,
-    bounds: tuple[int, int] | None = None,
+    pools: list[ScaledPool] | None = None,
 ) -> None:  # type: ignore[no-untyped-def]
-    """The router; with `fleet` and `bounds` its planner also starts and retires the fleet's
-    workers (otherwise it only reports what it would do)."""
+    """The router, with an autoscaler planner per pool: one that starts and retires workers
+    for a pool with a local fleet, one that only reports what it would do otherwise."""
     import uvicorn
 
     from bisllm_server.autoscaler.local import LocalActuator
+    from bisllm_server.autoscaler.metrics import AutoscalerMetrics
     from bisllm_server.autoscaler.planner import attach_planner
     from bisllm_server.autoscaler.policy import Autoscaler, AutoscalerSettings
     from bisllm_server.router.app import create_router_app
@@ -306,20 +369,48 @@ def _serve_router(
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     logging.getLogger("bisllm").setLevel(options.log_level.upper())
     service = _router_service(spec, config, workers, options)
-    overrides = {} if bounds is None else {"min_replica": bounds[0], "max_replica": bounds[1]}
-    settings = AutoscalerSettings.from_spec(spec.autoscaling, **overrides)
-    running = len(workers.split(","))
-    attach_planner(
-        service,
-        Autoscaler(settings, initial_replicas=running),
-        interval_s=options.autoscale_interval,
-        actuator=None if bounds is None else LocalActuator(fleet, service),
-    )
+    if pools is None:
+        pools = _advisory_pools(spec, len(workers.split(",")))
+    metrics = AutoscalerMetrics(service.metrics.registry, spec.served_model_name)
+    for pool in pools:
+        if pool.bounds is not None:
+            overrides = {"min_replica": pool.bounds[0], "max_replica": pool.bounds[1]}
+        elif pool.role is not None:  # advisory: the config's unit range, in this pool's workers
+            n, a = _per_unit(spec, pool.role), spec.autoscaling
+            overrides = {"min_replica": a.min_replica * n, "max_replica": a.max_replica * n}
+        else:
+            overrides = {}
+        settings = AutoscalerSettings.from_spec(spec.autoscaling, **overrides)
+        attach_planner(
+            service,
+            Autoscaler(settings, initial_replicas=pool.initial),
+            interval_s=options.autoscale_interval,
+            actuator=None if pool.fleet is None else LocalActuator(pool.fleet, service),
+            pool=pool.name,
+            members=None if pool.role is None else service.router.members(pool.role),
+            metrics=metrics,
+        )
     click.echo(
         f"router ({options.policy}) for {workers} on {options.host}:{options.port}", err=True
     )
     app = create_router_app(service, on_stop=on_stop)
     uvicorn.run(app, host=options.host, port=options.port, log_level=options.log_level)
+
+
+def _per_unit(spec, role: str) -> int:  # type: ignore[no-untyped-def]
+    d = spec.disaggregation
+    return d.prefill_workers_per_replica if role == "prefill" else d.decode_workers_per_replica
+
+
+def _advisory_pools(spec, running: int) -> list[ScaledPool]:  # type: ignore[no-untyped-def]
+    """A standalone router's pools: prefill and decode when the config disaggregates (the
+    workers announce their role), else one pool of every worker."""
+    if not spec.disaggregation.enabled:
+        return [ScaledPool("workers", None, running)]
+    return [
+        ScaledPool(role, role, _per_unit(spec, role) * spec.autoscaling.min_replica)
+        for role in ("prefill", "decode")
+    ]
 
 
 def _serve_fleet(
@@ -332,25 +423,92 @@ def _serve_fleet(
 ) -> None:  # type: ignore[no-untyped-def]
     from bisllm_server.router.fleet import WorkerFleet, worker_command
 
-    env = dict(os.environ)
-    if options.api_key:
-        env["BISLLM_API_KEY"] = options.api_key
-    fleet = WorkerFleet(bounds[0], worker_command(str(config), extra), env=env, max_count=bounds[1])
+    fleet = WorkerFleet(
+        bounds[0],
+        worker_command(str(config), extra),
+        env=_worker_env(options),
+        max_count=bounds[1],
+    )
     fleet.start()
+    pool = ScaledPool(
+        "workers",
+        None,
+        bounds[0],
+        fleet if autoscale else None,
+        bounds if autoscale else None,
+    )
     try:
         # The workers stop inside the router's graceful shutdown: after it, uvicorn re-raises
         # SIGTERM, which ends this process before any `finally` here could run.
         _serve_router(
-            spec,
-            config,
-            ",".join(fleet.addresses),
-            options,
-            on_stop=fleet.stop,
-            fleet=fleet if autoscale else None,
-            bounds=bounds if autoscale else None,
+            spec, config, ",".join(fleet.addresses), options, on_stop=fleet.stop, pools=[pool]
         )
     finally:
         fleet.stop()  # start-up failures and Ctrl-C
+
+
+def _serve_unit(
+    spec,
+    config: Path,
+    autoscale: bool,
+    extra: list[str],
+    options: RouterCLIOptions,
+) -> None:  # type: ignore[no-untyped-def]
+    """`--disaggregated`: a prefill fleet and a decode fleet behind one router. With
+    --autoscale each pool ranges over min_replica..max_replica units of its own size."""
+    from bisllm_server.router.fleet import WorkerFleet, worker_command
+
+    a = spec.autoscaling
+    units = (a.min_replica, a.max_replica) if autoscale else (1, 1)
+    sizes = {role: _per_unit(spec, role) for role in ("prefill", "decode")}
+    env = _worker_env(options, most=sum(n * units[1] for n in sizes.values()))
+    fleets = {
+        role: WorkerFleet(
+            n * units[0],
+            worker_command(str(config), extra, role=role),
+            env=env,
+            max_count=n * units[1],
+        )
+        for role, n in sizes.items()
+    }
+    for fleet in fleets.values():
+        fleet.start()
+
+    def stop() -> None:
+        for fleet in fleets.values():
+            fleet.stop()
+
+    pools = [
+        ScaledPool(
+            role,
+            role,
+            sizes[role] * units[0],
+            fleets[role] if autoscale else None,
+            (sizes[role] * units[0], sizes[role] * units[1]) if autoscale else None,
+        )
+        for role in fleets
+    ]
+    click.echo(
+        f"disaggregated unit: {sizes['prefill']} prefill : {sizes['decode']} decode workers"
+        + (f", {units[0]}..{units[1]} units" if autoscale else ""),
+        err=True,
+    )
+    addresses = ",".join(a for fleet in fleets.values() for a in fleet.addresses)
+    try:
+        _serve_router(spec, config, addresses, options, on_stop=stop, pools=pools)
+    finally:
+        stop()
+
+
+def _worker_env(options: RouterCLIOptions, most: int | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    if options.api_key:
+        env["BISLLM_API_KEY"] = options.api_key
+    if most is not None:
+        # Split the cores between every worker of every pool (a fleet alone splits them
+        # between its own).
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // most)))
+    return env
 
 
 def _hydrate_weights(paths: list[Path], cache: Path) -> None:

@@ -137,6 +137,7 @@ def test_the_stream_snapshots_then_follows_and_ends_when_the_consumer_falls_behi
             "instance": log.instance,
             "block_size": BS,
             "last_event_id": 1,
+            "role": "both",
         }
         h = first.block_hashes
         assert await next_obj() == {

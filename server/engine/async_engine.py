@@ -3,18 +3,40 @@
 The engine steps on one background thread; each request's outputs are handed to its asyncio
 queue with `call_soon_threadsafe`. A consumer that stops iterating (client disconnect, task
 cancelled) aborts its request so its KV is freed at the next step.
+
+A request opened with a `kv_source` (disaggregated decode) first reserves its pages, then
+awaits its prompt's K/V from the source (a prefill worker) and only then joins the batch; if
+no K/V comes it is prefilled here, into the same pages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Protocol, TypeVar
 
 from bisllm_server.engine.engine import LLMEngine, RequestError
-from bisllm_server.engine.request import RequestOutput
+from bisllm_server.engine.kv_handoff import KVHandoff
+from bisllm_server.engine.request import Request, RequestOutput
 from bisllm_server.engine.sampling import SamplingParams
+
+log = logging.getLogger("bisllm.server")
+
+T = TypeVar("T")
+
+
+class KVSource(Protocol):
+    """Where a disaggregated request's prompt K/V comes from (a prefill worker)."""
+
+    async def fetch(self, prefix_ids: list[int], cached_pages: int) -> KVHandoff | None:
+        """The K/V of `prefix_ids` from page `cached_pages` on (those before are cached
+        here), or None when it could not be had: the request is then prefilled locally."""
+
+    def unavailable(self, reason: str) -> None:
+        """The request is prefilled locally without asking (no pages free, handoff refused)."""
 
 
 class EngineDeadError(RuntimeError):
@@ -30,6 +52,7 @@ class AsyncEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._ids = itertools.count()
+        self._transfers: dict[str, asyncio.Task] = {}  # requests awaiting their prompt's K/V
         self.error: BaseException | None = None
 
     def start(self) -> None:
@@ -55,28 +78,79 @@ class AsyncEngine:
         *,
         request_id: str | None = None,
         detokenize: bool = True,
+        export_kv_from: int | None = None,
+        kv_source: KVSource | None = None,
     ) -> RequestStream:
         """Queue a request now and return its stream of deltas (the last has `finished`).
 
         Must run on the event loop that will consume the stream. A bad request raises here
         (RequestError, SamplingParamsError), before anything is streamed, so a server can still
-        answer with an HTTP error."""
+        answer with an HTTP error. `export_kv_from` and `kv_source`: see the module doc and
+        `LLMEngine.add_request`."""
         if self.error is not None:
             raise EngineDeadError(f"engine stopped after an error: {self.error!r}")
         rid = request_id if request_id is not None else f"async-{next(self._ids)}"
         queue: asyncio.Queue = asyncio.Queue()
+        loop = asyncio.get_running_loop()
         with self._lock:
             if rid in self._streams:
                 raise RequestError(f"request_id {rid!r} is already in use")
-            self._streams[rid] = (asyncio.get_running_loop(), queue)
+            self._streams[rid] = (loop, queue)
         try:
-            self.engine.add_request(prompt, params, request_id=rid, detokenize=detokenize)
+            req = self.engine.make_request(prompt, params, request_id=rid, detokenize=detokenize)
+            req.export_kv_from = export_kv_from
+            if kv_source is None:
+                self.engine.submit(req)
+            else:
+                self._transfers[rid] = loop.create_task(self._prefill_elsewhere(req, kv_source))
         except BaseException:
             with self._lock:
                 self._streams.pop(rid, None)
             raise
         self._wakeup.set()
         return RequestStream(self, rid, queue)
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """`fn()` run on the stepping thread between steps (see call_between_steps)."""
+        if self.error is not None or not self.running:
+            raise EngineDeadError(f"the engine is not stepping (error: {self.error!r})")
+        future = self.engine.call_between_steps(fn)
+        self._wakeup.set()
+        return await asyncio.wrap_future(future)
+
+    async def _prefill_elsewhere(self, req: Request, kv_source: KVSource) -> None:
+        """Reserve the pages, fetch the prompt's K/V, then queue the request (with the K/V if
+        it came). Until queued, closing the stream cancels this; the abort that follows gives
+        the reservation back (it is queued behind the reservation, so it always finds it)."""
+        rid = req.request_id
+        queued = False
+        try:
+            reserved = await self.call(lambda: self.engine.reserve_kv(rid, req.prompt_ids))
+            kv = None
+            if reserved is None:
+                kv_source.unavailable("no_pages")  # it waits for pages like any request
+            elif req.num_prompt_tokens > 1:
+                kv = await kv_source.fetch(req.prompt_ids[:-1], reserved)
+            if kv is not None:
+                try:
+                    self.engine.submit(req, kv=kv)
+                    queued = True
+                except RequestError as exc:  # a handoff that does not fit: prefill here
+                    log.warning(
+                        "request %s: K/V handoff refused (%s); prefilling locally", rid, exc
+                    )
+                    kv_source.unavailable("refused")
+            if not queued:
+                self.engine.submit(req)
+                queued = True
+            self._wakeup.set()
+        except Exception as exc:  # the engine died, or a bug: the stream must hear of it
+            self._deliver(rid, exc)
+        finally:
+            self._transfers.pop(rid, None)
+            if not queued:
+                self.engine.abort(rid)
+                self._wakeup.set()
 
     async def generate(
         self,
@@ -97,6 +171,9 @@ class AsyncEngine:
     def _release(self, request_id: str, finished: bool) -> None:
         with self._lock:
             self._streams.pop(request_id, None)
+        transfer = self._transfers.pop(request_id, None)
+        if transfer is not None:
+            transfer.cancel()  # its cleanup aborts the request
         if not finished:
             self.engine.abort(request_id)
             self._wakeup.set()
@@ -119,6 +196,7 @@ class AsyncEngine:
             except BaseException as exc:  # the thread must report, not vanish
                 self.error = exc
                 dead = EngineDeadError(f"engine step failed: {exc!r}")
+                self.engine.fail_calls(dead)
                 with self._lock:
                     ids = list(self._streams)
                 for rid in ids:

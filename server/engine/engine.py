@@ -8,10 +8,11 @@ their last token, applies stop conditions and returns per-request deltas. `add_r
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ from bisllm_server.engine.sampling import (
     SamplingRow,
     unedited,
 )
-from bisllm_server.engine.scheduler import ScheduledBatch, Scheduler
+from bisllm_server.engine.scheduler import KVReservation, ScheduledBatch, Scheduler
 from bisllm_server.engine.speculative.draft_model import DraftModel
 from bisllm_server.engine.speculative.drafter import ModelDrafter
 from bisllm_server.engine.speculative.eagle import EagleCheckpointError, load_eagle_head
@@ -172,8 +173,8 @@ class LLMEngine:
         self._spec = {"drafted": 0, "accepted": 0, "verified": 0}
 
         self._requests: dict[str, Request] = {}
-        # Finished hold_kv requests whose pages wait for export_kv / release_kv.
-        self._held: dict[str, Request] = {}
+        # Pages set aside by reserve_kv for requests whose prompt K/V is on its way.
+        self._reservations: dict[str, KVReservation] = {}
         # Finished requests that `generate` waits for; streaming callers only get the deltas.
         self._collect: dict[str, Request | None] = {}
         self._inbox: list[tuple[str, Any]] = []
@@ -258,16 +259,33 @@ class LLMEngine:
         *,
         request_id: str | None = None,
         detokenize: bool = True,
-        hold_kv: bool = False,
+        export_kv_from: int | None = None,
         kv: KVHandoff | None = None,
     ) -> str:
         """Queue a request (thread-safe); it joins the batch at the next step.
 
-        Disaggregation (kv_handoff.py): `hold_kv` keeps the request's pages after it finishes,
-        for `export_kv`, until `release_kv`; `kv` starts it from a prompt prefilled elsewhere
-        (`prompt` must be that prompt), decoding on from the handoff's first token."""
-        req = self._make_request(prompt, params or SamplingParams(), request_id, detokenize)
-        req.hold_kv = hold_kv
+        Disaggregation (kv_handoff.py): with `export_kv_from=k` the final output carries the
+        K/V of the prompt's pages k.. as `RequestOutput.kv` (the prefill side); `kv` starts
+        the request from the K/V of a prefix of `prompt` computed elsewhere (the decode side),
+        into the pages `reserve_kv` set aside under the same request_id, if any."""
+        req = self.make_request(prompt, params, request_id=request_id, detokenize=detokenize)
+        req.export_kv_from = export_kv_from
+        self.submit(req, kv=kv)
+        return req.request_id
+
+    def make_request(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        detokenize: bool = True,
+    ) -> Request:
+        """A validated request, not queued yet (RequestError says what is wrong with it)."""
+        return self._make_request(prompt, params or SamplingParams(), request_id, detokenize)
+
+    def submit(self, req: Request, *, kv: KVHandoff | None = None) -> None:
+        """Queue a request from `make_request` (thread-safe)."""
         if kv is not None:
             self._accept_handoff(req, kv)
         with self._inbox_lock:
@@ -276,34 +294,51 @@ class LLMEngine:
             ):
                 raise RequestError(f"request_id {req.request_id!r} is already in use")
             self._inbox.append(("add", req))
-        return req.request_id
 
-    def export_kv(self, request_id: str) -> KVHandoff:
-        """The K/V of a finished `hold_kv` request's prompt, and its first token."""
-        req = self._held.get(request_id)
-        if req is None:
-            raise RequestError(f"request_id {request_id!r} holds no KV (not finished with hold_kv)")
-        if req.num_output_tokens < 1 or req.num_computed < req.num_prompt_tokens:
-            raise RequestError(f"request_id {request_id!r} ended before its prompt was prefilled")
-        pages = req.pages[: -(-req.num_prompt_tokens // self.page_size)]
-        return KVHandoff(
-            prompt_ids=list(req.prompt_ids),
-            first_token=req.output_ids[0],
-            page_size=self.page_size,
-            data=self.kv_pool.export_pages(pages),
-        )
+    def reserve_kv(self, request_id: str, prompt_ids: Sequence[int]) -> int | None:
+        """Set pages aside for a request whose prompt K/V will be prefilled elsewhere: before
+        the transfer, so that the K/V has a place to land. Returns how many leading pages the
+        local prefix cache already holds (the prefill side need not send those), or None if
+        there is no room. The reservation is used by `add_request(..., kv=...,
+        request_id=request_id)` and given back by `abort(request_id)`. Call it between steps
+        (from the stepping thread, e.g. through `call_between_steps`)."""
+        if request_id in self._reservations or request_id in self._requests:
+            raise RequestError(f"request_id {request_id!r} is already in use")
+        # The prefix is the prompt less its last token, as the prefill side computes it; the
+        # pages cover the whole prompt, whose last token is computed here.
+        reservation = self.scheduler.reserve(prompt_ids[:-1], len(prompt_ids))
+        if reservation is None:
+            return None
+        self._reservations[request_id] = reservation
+        self.stats = self._snapshot(ScheduledBatch(), 0, 0.0, 0.0, 0.0)  # pages changed
+        return reservation.num_matched_pages
 
-    def release_kv(self, request_id: str) -> None:
-        """Give back the pages a `hold_kv` request kept (into the prefix cache where full).
-        Call it from the stepping thread, between steps; unknown ids are ignored."""
-        req = self._held.pop(request_id, None)
-        if req is not None:
-            self.scheduler.release_held(req)
-            self.stats = self._snapshot(ScheduledBatch(), 0, 0.0, 0.0, 0.0)  # pages changed
+    def call_between_steps(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run `fn` on the stepping thread before the next step (thread-safe): for what
+        touches pages, like `reserve_kv`. Its result or exception lands in the future."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._inbox_lock:
+            self._inbox.append(("call", (fn, future)))
+        return future
+
+    def fail_calls(self, exc: BaseException) -> None:
+        """Fail every `call_between_steps` not run yet (the stepping thread is gone)."""
+        with self._inbox_lock:
+            calls = [item for kind, item in self._inbox if kind == "call"]
+            self._inbox = [(kind, item) for kind, item in self._inbox if kind != "call"]
+        for _, future in calls:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(exc)
 
     def _accept_handoff(self, req: Request, kv: KVHandoff) -> None:
         kv.validate()
-        if kv.prompt_ids != req.prompt_ids:
+        if not 0 < kv.num_tokens < req.num_prompt_tokens:
+            raise RequestError(
+                f"kv: the handoff holds {kv.num_tokens} tokens; it must be a proper prefix of "
+                f"the {req.num_prompt_tokens}-token prompt (at least the last token is "
+                "computed here)"
+            )
+        if kv.prompt_ids != req.prompt_ids[: kv.num_tokens]:
             raise RequestError("kv: the handoff was prefilled from a different prompt")
         if kv.page_size != self.page_size:
             raise RequestError(
@@ -316,26 +351,32 @@ class LLMEngine:
             raise RequestError(
                 f"kv: K/V layout {tuple(kv.data.shape)} does not match this model's cache"
             )
-        if req.params.max_tokens < 2:
-            raise RequestError("kv: a handed-off request needs max_tokens >= 2")
         req.kv_import = kv
-        req.token_ids.append(kv.first_token)
-        if req.detokenizer is not None:
-            req.text += req.detokenizer.add(kv.first_token)
 
     def _import_handoffs(self, batch: ScheduledBatch) -> None:
         """Write the K/V of handed-off requests admitted this step into their pages (those
-        the local prefix cache did not already provide); they then decode like any other."""
+        the local prefix cache did not already provide); they then compute the rest."""
         for req, _ in batch.items:
             kv = req.kv_import
             if kv is None:
                 continue
-            first = req.num_computed // self.page_size  # whole pages matched locally
-            last = -(-kv.num_tokens // self.page_size)
-            if last > first:
-                self.kv_pool.import_pages(req.pages[first:last], kv.data[:, :, first:last])
-            req.num_computed = req.seq_len - 1
+            first = req.num_tree_pages  # whole pages matched locally (admission checked
+            # that the handoff starts at or before them)
+            if kv.num_pages > first:
+                data = kv.data[:, :, first - kv.start_page :]
+                self.kv_pool.import_pages(req.pages[first : kv.num_pages], data.to(self.device))
             req.kv_import = None
+
+    def _export_kv(self, req: Request) -> KVHandoff:
+        """The K/V of a finished request's prompt, from page `export_kv_from` on."""
+        pages = -(-req.num_prompt_tokens // self.page_size)
+        start = min(req.export_kv_from or 0, pages)
+        return KVHandoff(
+            prompt_ids=list(req.prompt_ids),
+            page_size=self.page_size,
+            data=self.kv_pool.export_pages(req.pages[start:pages]),
+            start_page=start,
+        )
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV at the next step (thread-safe; unknown ids ignored)."""
@@ -620,10 +661,22 @@ class LLMEngine:
         outputs = []
         for kind, item in inbox:
             if kind == "add":
+                # Pages reserved ahead of a transfer serve it whether or not the K/V came.
+                item.reservation = self._reservations.pop(item.request_id, None)
                 self._requests[item.request_id] = item
                 self.scheduler.add(item)
                 self._totals["prompt"] += item.num_prompt_tokens
+            elif kind == "call":
+                fn, future = item
+                if future.set_running_or_notify_cancel():  # False: its caller gave up
+                    try:
+                        future.set_result(fn())
+                    except Exception as exc:  # the caller's to handle, not the engine's
+                        future.set_exception(exc)
             else:
+                reservation = self._reservations.pop(item, None)
+                if reservation is not None:
+                    self.scheduler.cancel_reservation(reservation)
                 req = self._requests.get(item)
                 if req is not None and not req.finished:
                     req.finish_reason = "abort"
@@ -632,10 +685,10 @@ class LLMEngine:
         return outputs
 
     def _finish(self, req: Request) -> None:
-        hold = req.hold_kv and req.num_output_tokens > 0 and req.finish_reason != "abort"
-        self.scheduler.finish(req, hold=hold)
-        if hold:
-            self._held[req.request_id] = req
+        if req.export_kv_from is not None and req.finish_reason != "abort":
+            # Copied out before the pages go back to the pool (and the prefix cache).
+            req.kv_export = self._export_kv(req)
+        self.scheduler.finish(req)
         del self._requests[req.request_id]
         if req.request_id in self._collect:
             self._collect[req.request_id] = req
@@ -725,6 +778,7 @@ class LLMEngine:
             num_cached_tokens=req.num_cached_tokens,
             new_logprobs=req.logprobs[first:] if req.params.logprobs is not None else [],
             new_top_logprobs=req.top_logprobs[first:] if req.params.logprobs is not None else [],
+            kv=req.kv_export,
         )
         req.num_emitted_tokens = n_out
         req.num_emitted_chars += len(new_text)

@@ -13,6 +13,7 @@ from bisllm_server.engine.sampling import SamplingParams
 if TYPE_CHECKING:
     from bisllm_server.engine.detokenizer import IncrementalDetokenizer
     from bisllm_server.engine.kv_handoff import KVHandoff
+    from bisllm_server.engine.scheduler import KVReservation
 
 
 class RequestStatus(enum.Enum):
@@ -45,10 +46,13 @@ class Request:
     row: int = -1  # row of the runner's page table while running
     num_synced_pages: int = 0  # pages already copied into that row; reset when pages change
     prefill_hit: int = 0  # tokens matched in the prefix cache at the latest admission
-    # Disaggregation: K/V of the prompt computed elsewhere, written in at admission instead of
-    # prefilling; and whether this request's pages outlive it until exported (kv_handoff.py).
+    # Disaggregation (kv_handoff.py): K/V of a prompt prefix computed elsewhere, written in at
+    # admission instead of prefilling it; the pages reserved for it ahead of the transfer; and,
+    # on the prefill side, the page from which K/V is exported when the request finishes.
     kv_import: KVHandoff | None = None
-    hold_kv: bool = False
+    reservation: KVReservation | None = None
+    export_kv_from: int | None = None
+    kv_export: KVHandoff | None = None
     # Speculative decoding: the last `num_draft` of `token_ids` are unverified draft tokens.
     # They exist only within one engine step (proposed, scheduled, verified, then removed).
     num_draft: int = 0
@@ -117,6 +121,7 @@ class RequestOutput:
     num_cached_tokens: int
     new_logprobs: list[float | None] = field(default_factory=list)
     new_top_logprobs: list[list[tuple[int, float]] | None] = field(default_factory=list)
+    kv: KVHandoff | None = None  # the final output of an `export_kv_from` request
 
 
 @dataclass

@@ -12,6 +12,7 @@ rejoins the front of the queue, so it resumes from its cached prefix and loses n
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from bisllm_server.engine.kv_cache import PageAllocator
@@ -38,6 +39,20 @@ class ScheduledBatch:
     def samples(self, req: Request, n: int) -> bool:
         """True when this chunk reaches the end of the request's tokens, so it yields logits."""
         return req.num_computed + n == req.seq_len
+
+
+@dataclass
+class KVReservation:
+    """Pages set aside for a request before its prefix K/V arrives: the cached pages it can
+    reuse (their radix node locked) and fresh pages for the rest."""
+
+    matched_pages: list[int]
+    fresh_pages: list[int]
+    cache_node: object
+
+    @property
+    def num_matched_pages(self) -> int:
+        return len(self.matched_pages)
 
 
 class Scheduler:
@@ -70,24 +85,41 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
 
-    def finish(self, req: Request, *, hold: bool = False) -> None:
-        """Drop a request from whichever queue holds it and release its KV (caching it); with
-        `hold`, a running request keeps its pages until `release_held`."""
+    def finish(self, req: Request) -> None:
+        """Drop a request from whichever queue holds it and release its KV (caching it)."""
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
-            if hold:
-                self.free_rows.append(req.row)
-                req.row = -1
-            else:
-                self._release(req)
+            self._release(req)
         elif req.status is RequestStatus.WAITING:
             self.waiting.remove(req)
+            if req.reservation is not None:
+                self.cancel_reservation(req.reservation)
+                req.reservation = None
         req.status = RequestStatus.FINISHED
 
-    def release_held(self, req: Request) -> None:
-        """Release the pages of a request finished with `hold` (see `_release`)."""
-        req.row = self.free_rows.pop()  # _release gives a row back
-        self._release(req)
+    def reserve(self, prefix_ids: Sequence[int], num_tokens: int) -> KVReservation | None:
+        """Pages for a request whose prefix K/V will arrive from elsewhere (disaggregation's
+        pre-allocation): the prefix cache's match for `prefix_ids`, locked, plus fresh pages
+        up to `num_tokens`. None if the pool has no room even after evicting."""
+        node, matched = None, []
+        if self.cache is not None:
+            match = self.cache.match_prefix(list(prefix_ids))
+            node, matched = match.node, list(match.pages)
+            self.cache.lock(node)
+        need = self._pages_for(num_tokens) - len(matched)
+        fresh = self.allocator.alloc(need) if need > 0 else []
+        if fresh is None and self.cache is not None:
+            self.cache.evict(need - self.allocator.num_free)
+            fresh = self.allocator.alloc(need)
+        if fresh is None:
+            self._unlock(node)
+            return None
+        return KVReservation(matched, fresh, node)
+
+    def cancel_reservation(self, reservation: KVReservation) -> None:
+        """Give back a reservation's pages: nothing was written into the fresh ones."""
+        self.allocator.free(reservation.fresh_pages)
+        self._unlock(reservation.cache_node)
 
     @property
     def num_unfinished(self) -> int:
@@ -149,33 +181,46 @@ class Scheduler:
         for req in self._admission_order():
             if budget <= 0 or not self.free_rows:
                 return
+            reservation = req.reservation
             node = None
             matched_pages: list[int] = []
-            if self.cache is not None:
+            if reservation is not None:  # matched and locked when it was reserved
+                node, matched_pages = reservation.cache_node, reservation.matched_pages
+            elif self.cache is not None:
                 # Keep at least one token to compute: its logits give the next token.
                 match = self.cache.match_prefix(req.token_ids[: req.seq_len - 1])
                 node, matched_pages = match.node, match.pages
                 self.cache.lock(node)
             matched = len(matched_pages) * self.page_size
-            remaining = req.seq_len - matched
-            if req.kv_import is not None:
-                # The prompt's K/V arrives with the request: only the first token is left to
-                # compute, but the prompt still needs its pages.
-                remaining = 1
+            start = matched
+            kv = req.kv_import
+            if kv is not None:
+                if kv.start_page > len(matched_pages):
+                    req.kv_import = None  # pages it leaves out are not here: compute them
+                else:
+                    # The prefix K/V came with the request: only the rest (normally the last
+                    # prompt token) is left to compute, but the prefix still needs its pages.
+                    start = max(matched, kv.num_tokens)
+            remaining = req.seq_len - start
             # Without chunking the whole prompt must fit in one step (head-of-line wait). A
             # retracted request may have outgrown the budget; it alone is still chunked.
             if not self.enable_chunked_prefill and budget < remaining <= self.max_num_tokens:
-                self._unlock(node)
+                if reservation is None:
+                    self._unlock(node)
                 return
             n = min(remaining, budget)
             req.pages = list(matched_pages)
+            if reservation is not None:
+                req.pages += reservation.fresh_pages
             req.num_tree_pages = len(matched_pages)
             req.cache_node = node
-            req.num_computed = matched
-            if not self._reserve(req, req.seq_len - remaining + n):
+            req.num_computed = start
+            if not self._reserve(req, start + n):
                 req.pages, req.num_tree_pages, req.cache_node, req.num_computed = [], 0, None, 0
-                self._unlock(node)
+                if reservation is None:
+                    self._unlock(node)
                 return
+            req.reservation = None  # its pages are the request's now
             self.waiting.remove(req)
             req.status = RequestStatus.RUNNING
             req.row = self.free_rows.pop()

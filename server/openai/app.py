@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from bisllm_server.disagg.transfer import PREFILL_PEERS_HEADER, parse_peers
 from bisllm_server.openai.errors import APIError, error_body
 from bisllm_server.openai.kv_event_stream import kv_event_lines, load_report
 from bisllm_server.openai.protocol import (
@@ -133,11 +134,13 @@ def create_app(serving: OpenAIServing, *, is_ready: Callable[[], bool] = lambda:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        return await _respond(request, serving.chat(body))
+        peers = parse_peers(request.headers.get(PREFILL_PEERS_HEADER))
+        return await _respond(request, serving.chat(body, peers))
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        return await _respond(request, serving.completion(body))
+        peers = parse_peers(request.headers.get(PREFILL_PEERS_HEADER))
+        return await _respond(request, serving.completion(body, peers))
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest) -> Response:

@@ -8,7 +8,7 @@ reaches gets a snapshot of the block set instead, taken under the same lock even
 under, so the snapshot plus the events after its id is exactly the cache.
 
 Stream (`kv_event_lines`), one JSON object per line:
-  {"type":"hello","instance":I,"block_size":B,"last_event_id":N}
+  {"type":"hello","instance":I,"block_size":B,"last_event_id":N,"role":R}  (both|prefill|decode)
   {"type":"snapshot","id":N,"blocks":[[hash,parent],...]}  (only when not replaying; parents first)
   {"type":"event","id":K,"event":{...}}                     (replayed, then live; ids consecutive)
   {"type":"load",...}                                       (at once, then every load_interval)
@@ -47,11 +47,17 @@ class EventsLost(Exception):
 
 class KVEventLog:
     def __init__(
-        self, publisher: KVEventPublisher, *, block_size: int, capacity: int = 65536
+        self,
+        publisher: KVEventPublisher,
+        *,
+        block_size: int,
+        capacity: int = 65536,
+        role: str = "both",
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.block_size = block_size
+        self.role = role  # announced in the hello: both, or prefill / decode when disaggregated
         self.instance = uuid.uuid4().hex  # tells a restarted worker apart from its predecessor
         self._lock = threading.Lock()
         self._ring: deque[LoggedEvent] = deque(maxlen=capacity)
@@ -193,6 +199,7 @@ async def kv_event_lines(
         "instance": log.instance,
         "block_size": log.block_size,
         "last_event_id": cursor,
+        "role": log.role,
     }
     yield _line(hello)
     if blocks is not None:

@@ -14,6 +14,9 @@ from typing import Any
 
 import uvicorn
 
+from bisllm_server.disagg.endpoint import add_prefill_route
+from bisllm_server.disagg.metrics import TransferMetrics
+from bisllm_server.disagg.transfer import KVPuller
 from bisllm_server.engine.async_engine import AsyncEngine
 from bisllm_server.engine.config import EngineConfig
 from bisllm_server.engine.engine import LLMEngine
@@ -39,6 +42,9 @@ class ServeOptions:
     kv_cache_bytes: int | None = None
     # Where relative local paths (a LOCAL checkpoint, an Eagle head) may be found.
     search_roots: list[Path] = field(default_factory=list)
+    # Disaggregated serving: the pool this worker is announced in to the router ("both": an
+    # aggregated worker). Every worker can prefill for a peer and pull K/V from one.
+    role: str = "both"
 
 
 def resolve_model_dir(spec: Any, roots: list[Path]) -> Path:
@@ -130,7 +136,7 @@ def build_server(spec: Any, model_dir: Path, options: ServeOptions) -> tuple[Any
     _speculate(config, spec, [*options.search_roots, Path.cwd(), model_dir.parent])
     llm = LLMEngine(config)
     # Subscribed before the engine thread starts, so the log sees every event from id 1.
-    kv_event_log = KVEventLog(llm.kv_events, block_size=config.page_size)
+    kv_event_log = KVEventLog(llm.kv_events, block_size=config.page_size, role=options.role)
     engine = AsyncEngine(llm)
     engine.start()
     settings = ServerSettings(
@@ -142,9 +148,16 @@ def build_server(spec: Any, model_dir: Path, options: ServeOptions) -> tuple[Any
     metrics = ServerMetrics(spec.served_model_name)
     serving = OpenAIServing(engine, settings, metrics)
     serving.kv_event_log = kv_event_log
+    transfers = TransferMetrics(metrics.registry, spec.served_model_name)
+    key = settings.api_key
+    serving.kv_puller = KVPuller(
+        transfers, headers={"Authorization": f"Bearer {key}"} if key else None
+    )
     metrics.set_status("active")
     app = create_app(serving)
+    add_prefill_route(app, engine, transfers)
     app.state.kv_event_log = kv_event_log
+    app.router.on_shutdown.append(serving.kv_puller.aclose)
     return app, engine
 
 

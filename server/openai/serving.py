@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from bisllm_server.disagg.transfer import KVPuller
 from bisllm_server.engine.async_engine import AsyncEngine, EngineDeadError, RequestStream
 from bisllm_server.engine.engine import RequestError
 from bisllm_server.engine.request import RequestOutput
@@ -154,6 +155,8 @@ class OpenAIServing:
         self.active = 0  # engine requests admitted and not yet finished
         # The KV-event log `/kv_events` streams; set by launch.build_server (None: no route).
         self.kv_event_log: KVEventLog | None = None
+        # Pulls prompts' K/V from prefill workers (disaggregated serving); set by build_server.
+        self.kv_puller: KVPuller | None = None
 
     # -- shared ---------------------------------------------------------------------------
 
@@ -180,9 +183,16 @@ class OpenAIServing:
                 headers={"Retry-After": str(self.settings.retry_after_seconds)},
             )
 
-    def _open(self, prompt_ids: list[int], params: Any, index: int) -> _Choice:
+    def _open(
+        self, prompt_ids: list[int], params: Any, index: int, prefill_peers: Sequence[str]
+    ) -> _Choice:
+        source = None
+        if prefill_peers and self.kv_puller is not None:
+            source = self.kv_puller.source(prefill_peers)
         try:
-            stream = self.engine.open(prompt_ids, params, request_id=f"{uuid.uuid4().hex}-{index}")
+            stream = self.engine.open(
+                prompt_ids, params, request_id=f"{uuid.uuid4().hex}-{index}", kv_source=source
+            )
         except (RequestError, SamplingParamsError) as exc:
             raise bad_request(str(exc)) from None
         except EngineDeadError as exc:
@@ -204,12 +214,17 @@ class OpenAIServing:
             )
         self.active -= len(choices)
 
-    def _open_all(self, runs: list[tuple[list[int], Any]], timing: _Timing) -> list[_Choice]:
+    def _open_all(
+        self,
+        runs: list[tuple[list[int], Any]],
+        timing: _Timing,
+        prefill_peers: Sequence[str] = (),
+    ) -> list[_Choice]:
         self._admit(len(runs))
         choices: list[_Choice] = []
         try:
             for index, (prompt_ids, params) in enumerate(runs):
-                choices.append(self._open(prompt_ids, params, index))
+                choices.append(self._open(prompt_ids, params, index, prefill_peers))
         except BaseException:
             self._release(choices, timing)
             raise
@@ -322,7 +337,11 @@ class OpenAIServing:
             return self.tool_parser_cls
         return None
 
-    async def chat(self, request: ChatCompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
+    async def chat(
+        self, request: ChatCompletionRequest, prefill_peers: Sequence[str] = ()
+    ) -> dict[str, Any] | AsyncIterator[str]:
+        """`prefill_peers`: prefill workers to pull the prompt's K/V from (disaggregated
+        serving; the router names them), else the prompt is prefilled here."""
         self.check_model(request.model)
         self._log_unknown(request)
         tools = request.tools if request.effective_tool_choice != "none" else None
@@ -351,7 +370,7 @@ class OpenAIServing:
             )
             runs.append((prompt_ids, params))
         timing = _Timing(self.metrics)
-        choices = self._open_all(runs, timing)
+        choices = self._open_all(runs, timing, prefill_peers)
         meta = _Meta(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name)
         if request.stream:
             return self._chat_stream(
@@ -501,7 +520,9 @@ class OpenAIServing:
 
     # -- completions ------------------------------------------------------------------------
 
-    async def completion(self, request: CompletionRequest) -> dict[str, Any] | AsyncIterator[str]:
+    async def completion(
+        self, request: CompletionRequest, prefill_peers: Sequence[str] = ()
+    ) -> dict[str, Any] | AsyncIterator[str]:
         self.check_model(request.model)
         self._log_unknown(request)
         prompts = [encode_prompt(self.tokenizer, p, self.vocab_size) for p in request.prompts()]
@@ -527,7 +548,7 @@ class OpenAIServing:
                     )
                 )
         timing = _Timing(self.metrics)
-        choices = self._open_all(runs, timing)
+        choices = self._open_all(runs, timing, prefill_peers)
         meta = _Meta(f"cmpl-{uuid.uuid4().hex}", int(time.time()), self.model_name)
         prompt_tokens = sum(len(p) for p in prompts)
         if request.stream:

@@ -42,6 +42,14 @@ class RouterConfig:
     predicted_ttl_s: float = 120.0
     session_ttl_s: float = 3600.0
     max_sessions: int = 100_000
+    # Disaggregated serving (workers announcing role prefill / decode): a prompt whose uncached
+    # part on the chosen decode worker is at most this many tokens is prefilled there, as
+    # moving its KV would cost more than computing it (Dynamo's max_local_prefill_length).
+    disagg_max_local_prefill_tokens: int = 512
+    # Prefill locally too when every ready prefill worker already has at least this many
+    # requests in flight: waiting in their queues would cost more TTFT than a local prefill.
+    # 0: never for this reason.
+    disagg_max_prefill_queue: int = 8
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], **overrides: Any) -> RouterConfig:

@@ -178,8 +178,11 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def worker_command(config_path: str, extra: Sequence[str]) -> Callable[[int], list[str]]:
-    """argv for one worker: this interpreter running `bisllm serve --role worker`."""
+def worker_command(
+    config_path: str, extra: Sequence[str], *, role: str = "worker"
+) -> Callable[[int], list[str]]:
+    """argv for one worker: this interpreter running `bisllm serve --role ROLE` (worker, or
+    prefill / decode in a disaggregated unit)."""
 
     def command(port: int) -> list[str]:
         return [
@@ -189,7 +192,7 @@ def worker_command(config_path: str, extra: Sequence[str]) -> Callable[[int], li
             "serve",
             config_path,
             "--role",
-            "worker",
+            role,
             "--host",
             "127.0.0.1",
             "--port",

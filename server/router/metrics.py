@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from bisllm_server.router.core import Decision, Router
+from bisllm_server.router.core import Decision, PairDecision, Router
 
 
 class _Window:
@@ -93,6 +93,13 @@ class RouterMetrics:
             labels,
             registry=self.registry,
         )
+        self._disagg = Counter(
+            "bisllm_router_disagg_decisions",
+            "Disaggregated requests by where their prompt was prefilled (mode: remote on a "
+            "prefill worker, local on the decode worker) and why.",
+            [*labels, "mode", "reason"],
+            registry=self.registry,
+        )
         self._failures = Counter(
             "bisllm_router_failed_requests",
             "Requests the router answered with an error, by reason.",
@@ -129,6 +136,9 @@ class RouterMetrics:
             self._tokens[name].labels(self.model_name).inc(value)
             self.totals[name] += value
         self.totals["requests"] += 1
+
+    def disaggregated(self, pair: PairDecision) -> None:
+        self._disagg.labels(self.model_name, pair.mode, pair.reason).inc()
 
     def worker_report(self, address: str, previous: dict[str, Any], report: dict[str, Any]) -> None:
         """A worker's cumulative counters moved on; count the difference (a restarted worker,

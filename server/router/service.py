@@ -5,6 +5,11 @@ and its original body is sent unchanged to the chosen worker; the worker's respo
 byte for byte. Until the first token arrives nothing has reached the client, so a worker that
 fails before then (connection lost, 503) costs only a retry on another worker; after it, the
 client gets an in-band error event and a clean end of stream.
+
+When workers announce prefill and decode roles, a request goes to a decode worker, and for a
+prompt worth moving the header `x-bisllm-prefill-peers` names the prefill workers it pulls the
+prompt's KV from (first preferred, the next a fallback); without it the decode worker prefills
+the prompt itself.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import httpx
 
@@ -26,7 +31,14 @@ from bisllm_server.openai.errors import APIError
 from bisllm_server.openai.protocol import ChatCompletionRequest, CompletionRequest
 from bisllm_server.router import snapshot
 from bisllm_server.router.config import RouterConfig
-from bisllm_server.router.core import Decision, NoWorkerAvailable, Router, RouteRequest
+from bisllm_server.router.core import (
+    Decision,
+    NoWorkerAvailable,
+    PairDecision,
+    Router,
+    RouteRequest,
+    WorkerRole,
+)
 from bisllm_server.router.discovery import parse_workers, resolve_workers
 from bisllm_server.router.metrics import RouterMetrics
 from bisllm_server.router.prompts import PromptTokenizer
@@ -36,6 +48,9 @@ from bisllm_server.router.worker_link import LinkState, WorkerLink
 log = logging.getLogger("bisllm.router")
 
 SESSION_HEADER = "x-session-affinity"
+# Set by the router only: a client's own is not forwarded (FORWARDED_REQUEST_HEADERS), so
+# clients cannot point decode workers at hosts of their choosing.
+PREFILL_PEERS_HEADER = "x-bisllm-prefill-peers"
 # Request headers a worker needs; hop-by-hop and length headers are the transport's business.
 FORWARDED_REQUEST_HEADERS = ("content-type", "accept", "x-request-id", "user-agent")
 DROPPED_RESPONSE_HEADERS = frozenset(
@@ -239,6 +254,7 @@ class RouterService:
                     "address": address,
                     "status": info.status if info else "down",
                     "instance": s.instance,
+                    "role": s.role,
                     "last_event_id": s.last_event_id,
                     "index_blocks": self.router.index.num_blocks(address),
                     "restored_from_snapshot": s.restored,
@@ -273,27 +289,58 @@ class RouterService:
                 waiter.set_result(None)
                 return  # it routes itself, then releases the next one
 
+    async def _wait_for_room(self, request: RouteRequest) -> None:
+        """Queue the request while every worker is saturated, until `_release_queued` lets it
+        through."""
+        if not self.router.must_queue(request):
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters[request.request_id] = waiter
+        self.router.enqueue(request)
+        try:
+            await waiter
+        finally:
+            self._waiters.pop(request.request_id, None)
+            self.router.drop_queued(request.request_id)
+
+    def _no_worker(self, exc: NoWorkerAvailable) -> APIError:
+        self.metrics.failed("no_worker")
+        return APIError(503, str(exc), code="no_worker_available", headers={"Retry-After": "1"})
+
     async def _place(self, request: RouteRequest) -> Decision:
-        if self.router.must_queue(request):
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters[request.request_id] = waiter
-            self.router.enqueue(request)
-            try:
-                await waiter
-            finally:
-                self._waiters.pop(request.request_id, None)
-                self.router.drop_queued(request.request_id)
+        await self._wait_for_room(request)
         try:
             decision = self.router.choose(request)
         except NoWorkerAvailable as exc:
-            self.metrics.failed("no_worker")
-            raise APIError(
-                503, str(exc), code="no_worker_available", headers={"Retry-After": "1"}
-            ) from None
+            raise self._no_worker(exc) from None
         self.router.start(decision, request)
         self.metrics.decided(decision)
         self._release_queued()
         return decision
+
+    async def _place_pair(self, request: RouteRequest) -> PairDecision:
+        """`_place` for disaggregated workers: a decode worker and, maybe, a prefill one."""
+        await self._wait_for_room(request)
+        try:
+            pair = self.router.choose_pair(request)
+        except NoWorkerAvailable as exc:
+            raise self._no_worker(exc) from None
+        self.router.start_pair(pair, request)
+        self.metrics.decided(pair.decode)
+        self.metrics.disaggregated(pair)
+        self._release_queued()
+        return pair
+
+    async def _attempt(self, request: RouteRequest, forwarded: dict[str, str]) -> _Attempt:
+        """Place one try of a request: where it goes, with which headers."""
+        if not self.router.disaggregated:
+            decision = await self._place(request)
+            return _Attempt(decision, forwarded, _route_headers(decision))
+        pair = await self._place_pair(request)
+        headers = forwarded
+        if pair.prefill_peers:
+            headers = {**forwarded, PREFILL_PEERS_HEADER: ",".join(pair.prefill_peers)}
+        return _Attempt(pair.decode, headers, _route_headers(pair.decode) | _pair_headers(pair))
 
     def _finish(self, request_id: str) -> None:
         self.router.finish(request_id)
@@ -352,16 +399,16 @@ class RouterService:
         for attempt in range(self.options.max_attempts):
             route = RouteRequest(request_id, len(token_ids), block_ids, session, frozenset(failed))
             if attempt:
-                if not self.router.candidates(route.exclude):
+                # Disaggregated, only another decode worker can take the request over.
+                role: WorkerRole | None = "decode" if self.router.disaggregated else None
+                if not self.router.candidates(route.exclude, role):
                     break
                 self.metrics.retried()
-            decision = await self._place(route)
-            worker = decision.worker
+            placed = await self._attempt(route, forwarded)
+            worker = placed.decision.worker
             lease = _Lease(self, request_id)
             try:
-                result = await self._send(
-                    path, raw_body, forwarded, decision, bool(request.stream), lease
-                )
+                result = await self._send(path, raw_body, placed, bool(request.stream), lease)
             except _WorkerFailed as exc:
                 lease.release()
                 failed.add(worker)
@@ -388,17 +435,16 @@ class RouterService:
         self,
         path: str,
         raw_body: bytes,
-        headers: dict[str, str],
-        decision: Decision,
+        placed: _Attempt,
         stream: bool,
         lease: _Lease,
     ) -> tuple[int, dict[str, str], bytes | AsyncIterator[bytes]]:
         assert self.client is not None
-        rid = decision.request_id
-        url = f"http://{decision.worker}{path}"
+        rid = placed.decision.request_id
+        url = f"http://{placed.decision.worker}{path}"
         try:
             upstream = await self.client.send(
-                self.client.build_request("POST", url, content=raw_body, headers=headers),
+                self.client.build_request("POST", url, content=raw_body, headers=placed.headers),
                 stream=True,
             )
         except httpx.TransportError as exc:
@@ -410,7 +456,7 @@ class RouterService:
         response_headers = {
             k: v for k, v in upstream.headers.items() if k.lower() not in DROPPED_RESPONSE_HEADERS
         }
-        response_headers.update(_route_headers(decision))
+        response_headers.update(placed.route_headers)
         if not stream or upstream.status_code != 200:
             try:
                 body = await upstream.aread()
@@ -539,6 +585,15 @@ class _Lease:
         self.release()
 
 
+class _Attempt(NamedTuple):
+    """One try of a request: the worker chosen, the headers it gets, the route headers the
+    client gets."""
+
+    decision: Decision
+    headers: dict[str, str]
+    route_headers: dict[str, str]
+
+
 class _WorkerFailed(Exception):
     def __init__(self, message: str, *, worker_down: bool) -> None:
         super().__init__(message)
@@ -560,4 +615,12 @@ def _route_headers(decision: Decision) -> dict[str, str]:
         "x-bisllm-worker": decision.worker,
         "x-bisllm-route-reason": decision.reason,
         "x-bisllm-estimated-cached-tokens": str(decision.estimated_cached_tokens),
+    }
+
+
+def _pair_headers(pair: PairDecision) -> dict[str, str]:
+    """Where a disaggregated request's prompt was prefilled, and why there."""
+    return {
+        "x-bisllm-prefill-worker": pair.prefill.worker if pair.prefill is not None else "local",
+        "x-bisllm-disagg-reason": pair.reason,
     }

@@ -2,10 +2,11 @@
 its health.
 
 Transport: `GET /kv_events?since=ID&instance=ID` on the worker, newline-delimited JSON
-(docs/router.md). The first line says who the worker is (`instance`, new per process) and its
-block size; then either the events after `since` (same instance, still in the worker's ring) or
-a snapshot of its whole cache; then live events, each with the next sequence number, and a
-`load` line every half second that doubles as the heartbeat.
+(docs/router.md). The first line says who the worker is (`instance`, new per process), its
+block size and its role (prefill, decode or both); then either the events after `since` (same
+instance, still in the worker's ring) or a snapshot of its whole cache; then live events, each
+with the next sequence number, and a `load` line every half second that doubles as the
+heartbeat.
 
 Anything that breaks the sequence (a number skipped, an event that does not fit the index)
 ends the connection and the link reconnects from the last event it applied; the worker answers
@@ -43,6 +44,7 @@ class LinkState:
     instance: str | None = None
     last_event_id: int = 0
     block_size: int | None = None
+    role: str = "both"  # prefill | decode | both (aggregated), from the worker's hello
     connected: bool = False
     healthy: bool = False
     drained: bool = False  # taken out of rotation by an operator
@@ -231,6 +233,9 @@ class WorkerLink:
             s.report = {}  # its counters start again from zero
         s.instance = instance
         s.block_size = int(message["block_size"])
-        self.router.add_worker(self.address, block_size=s.block_size)
+        # Workers that predate disaggregation announce no role: they serve both phases.
+        role = str(message.get("role", "both"))
+        self.router.add_worker(self.address, block_size=s.block_size, role=role)
+        s.role = role
         s.connected = True
         self._update_status()
