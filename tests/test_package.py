@@ -379,13 +379,22 @@ def test_truss_build_context(pkg: Packaged) -> None:
 # 2. Kubernetes manifests
 
 
+def worker_pools(pkg: Packaged) -> dict[str, int]:
+    """The worker pools a package should have: role -> workers per replica (unit)."""
+    d = pkg.spec.disaggregation
+    if not d.enabled:
+        return {"worker": 1}
+    return {"prefill": d.prefill_workers_per_replica, "decode": d.decode_workers_per_replica}
+
+
 def test_builtin_manifests_validate(pkg: Packaged) -> None:
     documents = k8s_documents(pkg.out)
+    pools = len(worker_pools(pkg))
     assert Counter(d["kind"] for d in documents) == {
         "ConfigMap": 1,
-        "Deployment": 2,
-        "Service": 2,
-        "ScaledObject": 1,
+        "Deployment": 1 + pools,  # the router and each pool's workers
+        "Service": 1 + pools,
+        "ScaledObject": pools,
     }
     for document in documents:
         if document["kind"] == "ScaledObject":
@@ -393,43 +402,91 @@ def test_builtin_manifests_validate(pkg: Packaged) -> None:
         kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
 
 
+def role_of(deployment: dict[str, Any]) -> str:
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    return args[args.index("--role") + 1]
+
+
 def test_keda_scaledobject(pkg: Packaged) -> None:
     documents = k8s_documents(pkg.out)
-    scaled = only(documents, "ScaledObject")
-    assert keda_errors(scaled) == []
-
+    pools = worker_pools(pkg)
+    scaled_objects = [d for d in documents if d["kind"] == "ScaledObject"]
+    deployments = {d["metadata"]["name"]: d for d in documents if d["kind"] == "Deployment"}
     autoscaling = pkg.spec.autoscaling
     settings = pkg.raw.get("autoscaling_settings") or {}
-    spec = scaled["spec"]
-    assert spec["minReplicaCount"] == autoscaling.min_replica == settings.get("min_replica", 1)
-    assert spec["maxReplicaCount"] == autoscaling.max_replica == settings.get("max_replica", 1)
-    assert spec["minReplicaCount"] >= 1, "BIS-LLM never scales to zero"
-    (trigger,) = spec["triggers"]
-    assert trigger["type"] == "prometheus"
-    assert trigger["metadata"]["threshold"] == str(autoscaling.target_in_flight_tokens)
-    assert pkg.spec.model_name in trigger["metadata"]["query"]
-
-    target = spec["scaleTargetRef"]
-    workers = [
-        d
-        for d in documents
-        if d["kind"] == "Deployment" and d["metadata"]["name"] == target["name"]
-    ]
-    assert len(workers) == 1, f"scaleTargetRef {target} names no Deployment in the package"
-    assert (target.get("apiVersion", "apps/v1"), target.get("kind", "Deployment")) == (
-        "apps/v1",
-        "Deployment",
-    )
+    scaled_roles = []
+    for scaled in scaled_objects:
+        assert keda_errors(scaled) == []
+        spec = scaled["spec"]
+        target = spec["scaleTargetRef"]
+        assert target["name"] in deployments, f"scaleTargetRef {target} names no Deployment"
+        assert (target.get("apiVersion", "apps/v1"), target.get("kind", "Deployment")) == (
+            "apps/v1",
+            "Deployment",
+        )
+        role = role_of(deployments[target["name"]])
+        scaled_roles.append(role)
+        # Replicas count replication units; a pool has its share of workers in each.
+        per_unit = pools[role]
+        assert spec["minReplicaCount"] == autoscaling.min_replica * per_unit
+        assert autoscaling.min_replica == settings.get("min_replica", 1)
+        assert spec["maxReplicaCount"] == autoscaling.max_replica * per_unit
+        assert autoscaling.max_replica == settings.get("max_replica", 1)
+        assert spec["minReplicaCount"] >= 1, "BIS-LLM never scales to zero"
+        (trigger,) = spec["triggers"]
+        assert trigger["type"] == "prometheus"
+        assert trigger["metadata"]["threshold"] == str(autoscaling.target_in_flight_tokens)
+        query = trigger["metadata"]["query"]
+        assert pkg.spec.model_name in query
+        if len(pools) > 1:  # each pool scales on its own pods' tokens only
+            assert f'pod=~"{target["name"]}-' in query
+    assert sorted(scaled_roles) == sorted(pools)
 
 
 def test_worker_resources_and_wiring(pkg: Packaged) -> None:
     documents = k8s_documents(pkg.out)
-    scaled = only(documents, "ScaledObject")
     deployments = {d["metadata"]["name"]: d for d in documents if d["kind"] == "Deployment"}
     services = [d for d in documents if d["kind"] == "Service"]
     configmap = only(documents, "ConfigMap")
-    workers = deployments.pop(scaled["spec"]["scaleTargetRef"]["name"])
+    pools = [
+        deployments.pop(d["spec"]["scaleTargetRef"]["name"])
+        for d in documents
+        if d["kind"] == "ScaledObject"
+    ]
     (router,) = deployments.values()
+    router_args = router["spec"]["template"]["spec"]["containers"][0]["args"]
+    targets = router_args[router_args.index("--workers") + 1].split(",")
+    assert len(targets) == len(pools)
+    for workers, target in zip(pools, targets, strict=True):
+        check_worker_pool(pkg, workers, router, services, target)
+    # Selectors pick the pods they are meant to, and every Service reaches exactly one Deployment.
+    for deployment in (*pools, router):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selects(deployment["spec"]["selector"]["matchLabels"], labels)
+        volumes = deployment["spec"]["template"]["spec"]["volumes"]
+        assert {"name": "config", "configMap": {"name": configmap["metadata"]["name"]}} in volumes
+    for service in services:
+        reached = [
+            d
+            for d in (*pools, router)
+            if selects(service["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])
+        ]
+        assert len(reached) == 1, f"Service {service['metadata']['name']} selects {len(reached)}"
+
+    assert configmap["data"]["config.yaml"] == pkg.source.decode("utf-8")
+    assert configmap["data"]["spec.json"] == pkg.spec.to_json()
+
+
+def check_worker_pool(
+    pkg: Packaged,
+    workers: dict[str, Any],
+    router: dict[str, Any],
+    services: list[dict[str, Any]],
+    router_target: str,
+) -> None:
+    """One pool's worker Deployment: resources, image, labels, its Service, the router's
+    address for it."""
+    assert role_of(workers) in worker_pools(pkg)
 
     (worker,) = workers["spec"]["template"]["spec"]["containers"]
     resources = worker["resources"]
@@ -444,29 +501,13 @@ def test_worker_resources_and_wiring(pkg: Packaged) -> None:
     assert worker["image"] == router["spec"]["template"]["spec"]["containers"][0]["image"]
     assert worker["image"] == image_ref(pkg.spec, PackageOptions())
 
-    # Selectors pick the pods they are meant to, and every Service reaches exactly one Deployment.
-    for deployment in (workers, router):
-        labels = deployment["spec"]["template"]["metadata"]["labels"]
-        assert selects(deployment["spec"]["selector"]["matchLabels"], labels)
-        volumes = deployment["spec"]["template"]["spec"]["volumes"]
-        assert {"name": "config", "configMap": {"name": configmap["metadata"]["name"]}} in volumes
-    for service in services:
-        reached = [
-            d
-            for d in (workers, router)
-            if selects(service["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])
-        ]
-        assert len(reached) == 1, f"Service {service['metadata']['name']} selects {len(reached)}"
+    # The router reaches this pool through the one Service selecting its pods.
     worker_services = [
         s["metadata"]["name"]
         for s in services
         if selects(s["spec"]["selector"], workers["spec"]["template"]["metadata"]["labels"])
     ]
-    router_args = router["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert router_args[router_args.index("--workers") + 1] == f"{worker_services[0]}:{SERVER_PORT}"
-
-    assert configmap["data"]["config.yaml"] == pkg.source.decode("utf-8")
-    assert configmap["data"]["spec.json"] == pkg.spec.to_json()
+    assert router_target == f"{worker_services[0]}:{SERVER_PORT}"
 
 
 def _sample_scaledobject() -> dict[str, Any]:

@@ -203,6 +203,47 @@ def _scale_down_step(spec: DeploymentSpec) -> tuple[int, int, int]:
     return max(1, math.ceil(scaling.max_scale_down_rate)), period, period
 
 
+def _worker_pools(
+    spec: DeploymentSpec, workers: str, labels: dict[str, str]
+) -> list[dict[str, Any]]:
+    """The worker Deployments: one aggregated pool, or the prefill and decode pools of a
+    disaggregated deployment, each scaled by KEDA on its own pods' in-flight tokens."""
+    scaling = spec.autoscaling
+    model = json.dumps(spec.model_name)
+    if not spec.disaggregation.enabled:
+        roles = [("worker", workers, 1, "")]
+    else:
+        d = spec.disaggregation
+        roles = [
+            ("prefill", f"{workers}-prefill", d.prefill_workers_per_replica, "prefill"),
+            ("decode", f"{workers}-decode", d.decode_workers_per_replica, "decode"),
+        ]
+    pools = []
+    for role, name, per_unit, component in roles:
+        selector = {**labels, "app.kubernetes.io/component": component or "worker"}
+        selector.pop("app.kubernetes.io/managed-by")
+        # A Deployment's pods are NAME-<replicaset hash>-<pod hash>.
+        pods = f', pod=~"{name}-[a-z0-9]+-[a-z0-9]+"' if component else ""
+        pools.append(
+            {
+                "name": name,
+                "role": role,
+                "per_unit": per_unit,
+                "selector": selector,
+                "labels": {**labels, **selector},
+                "min_replicas": scaling.min_replica * per_unit,
+                "max_replicas": scaling.max_replica * per_unit,
+                # Sum over the pool's workers of each one's in-flight tokens, averaged over
+                # the window.
+                "query": (
+                    f"sum(avg_over_time(bisllm_in_flight_tokens{{model_name={model}{pods}}}"
+                    f"[{scaling.autoscaling_window}s]))"
+                ),
+            }
+        )
+    return pools
+
+
 def _kubernetes(
     env: Environment,
     spec: DeploymentSpec,
@@ -223,18 +264,15 @@ def _kubernetes(
         "secrets": f"{base}-secrets",
     }
     labels = {"app.kubernetes.io/name": base, "app.kubernetes.io/managed-by": "bisllm"}
-    worker_selector = {"app.kubernetes.io/name": base, "app.kubernetes.io/component": "worker"}
     router_selector = {"app.kubernetes.io/name": base, "app.kubernetes.io/component": "router"}
     env_list = [{"name": k, "value": v} for k, v in sorted(spec.environment_variables.items())]
     env_list.append({"name": "BISLLM_SPEC", "value": "/etc/bisllm/spec.json"})
-    window = spec.autoscaling.autoscaling_window
     percent, period, single_period = _scale_down_step(spec)
+    pools = _worker_pools(spec, names["workers"], labels)
     values = {
         **context,
         "names": names,
         "labels": labels,
-        "worker_labels": {**labels, **worker_selector},
-        "worker_selector": worker_selector,
         "router_labels": {**labels, **router_selector},
         "router_selector": router_selector,
         "env_list": env_list,
@@ -242,11 +280,8 @@ def _kubernetes(
         "spec_json": spec.to_json(),
         "manifests": dict(options.manifests),
         "prometheus_address": options.prometheus_address,
-        # Sum over workers of each worker's in-flight tokens, averaged over the window.
-        "in_flight_query": (
-            f"sum(avg_over_time(bisllm_in_flight_tokens{{model_name={json.dumps(spec.model_name)}}}"
-            f"[{window}s]))"
-        ),
+        "pools": pools,
+        "worker_targets": ",".join(f"{pool['name']}:{SERVER_PORT}" for pool in pools),
         "scale_down_percent": percent,
         "scale_down_period": period,
         "single_replica_period": single_period,
