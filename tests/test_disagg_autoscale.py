@@ -1,15 +1,21 @@
 """Disaggregated autoscaling: the prefill and decode pools are sized apart, each on its own
 in-flight tokens (a burst of long prompts grows the prefill pool and leaves the decode pool
 alone; the decoding that follows grows the decode pool while the prefill pool shrinks back),
-with one set of autoscaler_* series per pool."""
+with one set of autoscaler_* series per pool; live, each pool's planner starts workers of
+its own role."""
 
 from __future__ import annotations
 
 import random
+from typing import Any
 
+import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from server_fixtures import REPO, TINY_CONFIG
+from test_autoscaler_live import MAX_TOKENS, Traffic
+from test_router_live import start_serve, wait_until
 
 from bisllm_server.autoscaler.metrics import AutoscalerMetrics
 from bisllm_server.autoscaler.planner import Planner
@@ -20,6 +26,8 @@ from bisllm_server.router.core import Router, RouteRequest
 
 B = 16
 TARGET = 2000.0  # in-flight tokens per worker
+EMBEDDED = REPO / "examples" / "bisllm-tiny-moe" / "checkpoint"
+LIVE_TARGET = 1500  # a burst of 6 x ~500-token prompts is more than one worker per pool
 
 
 class Clock:
@@ -107,3 +115,64 @@ def test_prefill_and_decode_pools_scale_on_their_own_tokens():
         if sample.name == "autoscaler_in_flight_tokens"
     }
     assert pools_seen == {"prefill", "decode"}
+
+
+def test_a_disaggregated_unit_scales_each_pool_with_workers_of_its_role(tmp_path):
+    """`bisllm serve --disaggregated --autoscale` (1P:1D units, 1..2): a burst of long prompts
+    makes each pool's planner start a second worker of its own role, which joins the router
+    announcing that role; every request completes."""
+    config = yaml.safe_load(TINY_CONFIG.read_text())
+    config["trt_llm"]["build"]["checkpoint_repository"]["repo"] = str(EMBEDDED)
+    config["trt_llm"]["runtime"]["max_batch_size"] = 2
+    config["autoscaling_settings"] = {
+        "min_replica": 1,
+        "max_replica": 2,
+        "autoscaling_window": 10,
+        "scale_down_delay": 600,
+    }
+    config["additional_autoscaling_config"] = {
+        "metrics": [{"name": "in_flight_tokens", "target": LIVE_TARGET}]
+    }
+    config["llm_config"] = {
+        "is_disaggregated": True,
+        "b10_disagg_config": {"prefill_workers_per_replica": 1, "decode_workers_per_replica": 1},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    serve = start_serve(
+        [str(path), "--disaggregated", "--autoscale", "--autoscale-interval", "0.5",
+         "--max-local-prefill-tokens", "64"],
+        tmp_path / "serve.log",
+    )  # fmt: skip
+
+    def pools() -> dict[str, dict[str, Any]]:
+        if serve.proc.poll() is not None:
+            raise AssertionError(f"serve exited: {serve.log.read_text()[-3000:]}")
+        return {p["pool"]: p for p in serve.get("/router/autoscaler")["pools"]}
+
+    def serving(role: str) -> list[str]:
+        return pools()[role]["actuator"]["serving"]
+
+    try:
+        wait_until(lambda: serve.get("/health")["workers_ready"] == 2, 180, "the first unit")
+        assert {p["mode"] for p in pools().values()} == {"actuating"}
+        burst = Traffic(serve.url, clients=6, prompt_words=400, seed=3)
+        try:
+            for role in ("prefill", "decode"):
+                wait_until(lambda role=role: len(serving(role)) == 2, 240, f"a 2nd {role} worker")
+
+            def roles_announced() -> bool:  # once each new worker's KV stream said hello
+                workers = serve.get("/router/workers")["workers"]
+                roles = {w["address"]: w["role"] for w in workers if w["status"] == "ready"}
+                return all(
+                    [roles.get(a) for a in serving(role)] == [role, role]
+                    for role in ("prefill", "decode")
+                )
+
+            wait_until(roles_announced, 60, "the new workers' roles")
+        finally:
+            outcomes = burst.finish()
+        assert outcomes and all(status == 200 for status, *_ in outcomes), outcomes[:3]
+        assert all(tokens == MAX_TOKENS for _, _, tokens, _ in outcomes)
+    finally:
+        serve.stop()
