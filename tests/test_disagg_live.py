@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server_fixtures import REPO, TINY_CONFIG
 from test_router_live import Process, ready_workers, start_serve, wait_until
 
-from bisllm_server.disagg.transfer import PREFILL_PEERS_HEADER
+from bisllm_server.disagg import PREFILL_PEERS_HEADER
 from bisllm_server.engine.config import EngineConfig
 from bisllm_server.engine.engine import LLMEngine
 from bisllm_server.engine.sampling import SamplingParams

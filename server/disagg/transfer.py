@@ -29,9 +29,6 @@ from bisllm_server.engine.kv_handoff import HandoffFormatError, KVHandoff
 log = logging.getLogger("bisllm.disagg")
 
 PREFILL_PATH = "/internal/kv/prefill"
-# Set by the router on a request it sends to a decode worker: HOST:PORT of the prefill
-# workers to pull the prompt's K/V from, preferred first.
-PREFILL_PEERS_HEADER = "x-bisllm-prefill-peers"
 
 
 @dataclass

@@ -17,7 +17,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from bisllm_server.disagg.transfer import PREFILL_PEERS_HEADER, parse_peers
+from bisllm_server.disagg import PREFILL_PEERS_HEADER
+from bisllm_server.disagg.transfer import parse_peers
 from bisllm_server.openai.errors import APIError, error_body
 from bisllm_server.openai.kv_event_stream import kv_event_lines, load_report
 from bisllm_server.openai.protocol import (

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, Protocol
 
 import httpx
 
+from bisllm_server.disagg import PREFILL_PEERS_HEADER
 from bisllm_server.kv_events import hash_token_blocks
 from bisllm_server.openai.errors import APIError
 from bisllm_server.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -48,9 +49,8 @@ from bisllm_server.router.worker_link import LinkState, WorkerLink
 log = logging.getLogger("bisllm.router")
 
 SESSION_HEADER = "x-session-affinity"
-# Set by the router only: a client's own is not forwarded (FORWARDED_REQUEST_HEADERS), so
-# clients cannot point decode workers at hosts of their choosing.
-PREFILL_PEERS_HEADER = "x-bisllm-prefill-peers"
+# PREFILL_PEERS_HEADER is set by the router only: a client's own is not forwarded
+# (FORWARDED_REQUEST_HEADERS), so clients cannot point decode workers at hosts of their choosing.
 # Request headers a worker needs; hop-by-hop and length headers are the transport's business.
 FORWARDED_REQUEST_HEADERS = ("content-type", "accept", "x-request-id", "user-agent")
 DROPPED_RESPONSE_HEADERS = frozenset(
