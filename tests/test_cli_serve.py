@@ -164,3 +164,41 @@ def test_console_script_serves_the_embedded_model() -> None:
             process.kill()
             pytest.fail("server did not stop on SIGINT")
     assert process.returncode == 0
+
+
+DISAGGREGATED = REPO / "examples" / "qwen3-coder-480b-a35b.yaml"  # a 1P:2D replication unit
+
+
+def test_disaggregated_packages_run_prefill_and_decode_workers(tmp_path: Path) -> None:
+    out = tmp_path / "pkg"
+    result = CliRunner().invoke(main, ["package", str(DISAGGREGATED), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    roles, router = [], None
+    for name in ("workers", "router"):
+        for doc in yaml.safe_load_all((out / "k8s" / f"{name}.yaml").read_text()):
+            if not doc or doc.get("kind") != "Deployment":
+                continue
+            args = doc["spec"]["template"]["spec"]["containers"][0]["args"]
+            args = [str(DISAGGREGATED) if a in IMAGE_CONFIG_PATHS else a for a in args]
+            params = serve.make_context("serve", list(args)).params
+            if name == "router":
+                router = params
+            else:
+                roles.append(params["role"])
+    assert roles == ["prefill", "decode"]
+    assert router is not None and router["role"] == "router"
+    assert [w.rsplit(":", 1)[1] for w in router["workers"].split(",")] == ["8000", "8000"]
+
+
+@pytest.mark.parametrize(
+    ("config", "args", "message"),
+    [
+        (EXAMPLE, ["--disaggregated"], "does not enable disaggregation; set"),
+        (DISAGGREGATED, ["--disaggregated", "--workers", "2"], "it takes no --role or --workers"),
+        (DISAGGREGATED, ["--disaggregated", "--role", "prefill"], "no --role or --workers"),
+    ],
+)
+def test_disaggregated_options_are_checked(config: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, ["serve", str(config), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
