@@ -192,6 +192,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
         {},
     ),
     "qwen3_moe_sharded": ("qwen3_moe", {}, dict(max_shard_size="100KB")),
+    # One KV head for four query heads: tensor-parallel ranks share it.
+    "qwen3_moe_mqa": ("qwen3_moe", dict(num_key_value_heads=1), {}),
     "mixtral": ("mixtral", {}, {}),
     "llama": ("llama", {}, {}),
     "glm4_moe": ("glm4_moe", {}, {}),

@@ -35,6 +35,7 @@ from bisllm_server.engine.layers.moe import set_experts_backend
 from bisllm_server.engine.loader import ModelConfig, load_model
 from bisllm_server.engine.model_runner import CausalModel, ModelRunner
 from bisllm_server.engine.models.decoder import DecoderForCausalLM
+from bisllm_server.engine.parallel.tensor_parallel import SINGLE, TPGroup
 from bisllm_server.engine.radix_cache import RadixCache
 from bisllm_server.engine.request import CompletionOutput, Request, RequestOutput
 from bisllm_server.engine.sampling import (
@@ -81,11 +82,15 @@ class LLMEngine:
         model_config: ModelConfig | None = None,
         tokenizer: Any = _LOAD_TOKENIZER,
         attention: type[AttentionBackend] = TorchAttentionBackend,
+        tp: TPGroup = SINGLE,
     ) -> None:
+        """`tp`: this rank's tensor-parallel group. Every rank of it runs an engine over its
+        shard of the model, fed the same requests in the same order; the logits are gathered
+        on every rank, so all of them schedule and sample alike."""
         config.validate()
         self.config = config
         if model is None:
-            loaded = load_model(config.model, dtype=config.dtype, device=config.device)
+            loaded = load_model(config.model, dtype=config.dtype, device=config.device, tp=tp)
             model, model_config = loaded.model, loaded.config
         assert model_config is not None, "model_config is required with an explicit model"
         self.model_config = model_config

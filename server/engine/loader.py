@@ -27,7 +27,9 @@ from bisllm_server.engine.models import (
     UnsupportedModelError,
     resolve_architecture,
 )
+from bisllm_server.engine.models.weights import LazyTensor
 from bisllm_server.engine.mxfp4 import dequantize_mxfp4_experts, is_mxfp4
+from bisllm_server.engine.parallel.tensor_parallel import SINGLE, TPGroup, shard_model
 
 log = logging.getLogger("bisllm.engine")
 
@@ -115,6 +117,14 @@ def _stream_tensors(
                 yield name, tensor
 
 
+def _stream_lazy(files: list[Path], counter: list[int]) -> Iterator[tuple[str, LazyTensor]]:
+    """Every tensor of the files, unread: a tensor-parallel rank reads only its slice."""
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                yield name, LazyTensor(f, name, counter)
+
+
 def _token_ids(value: int | list[int] | None) -> list[int]:
     if value is None:
         return []
@@ -125,7 +135,10 @@ def load_model(
     model_dir: str | Path,
     dtype: torch.dtype | str = "auto",
     device: str | torch.device = "cpu",
+    tp: TPGroup = SINGLE,
 ) -> LoadedModel:
+    """The checkpoint's model on `device`; with a tensor-parallel group, this rank's shard
+    (parallel/tensor_parallel.py), its KV layout counting this rank's KV heads only."""
     start = time.perf_counter()
     model_dir = Path(model_dir)
     config_path = model_dir / "config.json"
@@ -141,18 +154,28 @@ def load_model(
 
     with torch.device("meta"):
         model = model_cls(hf)
+        if tp.size > 1:
+            model.tp_slices = shard_model(model, tp)
     model = model.to(dtype=torch_dtype)
     for module in model.modules():  # e.g. routers that transformers also keeps in fp32
         for name in getattr(module, "fp32_parameters", ()):
             getattr(module, name).data = getattr(module, name).data.float()
     model = model.to_empty(device=device)
     bytes_read = [0]
-    tensors = _stream_tensors(files, bytes_read)
-    if (block := fp8_block_size(hf)) is not None:
-        tensors = dequantize_fp8_blocks(tensors, block, torch_dtype)
-    elif is_mxfp4(hf):
-        tensors = dequantize_mxfp4_experts(tensors, torch_dtype)
-    model.load_weights(tensors)
+    block = fp8_block_size(hf)
+    converts = (
+        type(model).convert_checkpoint_tensors is not DecoderForCausalLM.convert_checkpoint_tensors
+    )
+    if tp.size > 1 and block is None and not is_mxfp4(hf) and not converts:
+        model.load_weights(_stream_lazy(files, bytes_read))
+    else:
+        # Quantized or re-laid-out tensors are converted whole (then sliced, under TP).
+        tensors = _stream_tensors(files, bytes_read)
+        if block is not None:
+            tensors = dequantize_fp8_blocks(tensors, block, torch_dtype)
+        elif is_mxfp4(hf):
+            tensors = dequantize_mxfp4_experts(tensors, torch_dtype)
+        model.load_weights(tensors)
     for module in model.modules():  # non-persistent buffers (rotary inv_freq) are not in files
         if hasattr(module, "reset_buffers"):
             module.reset_buffers()
@@ -170,11 +193,15 @@ def load_model(
     bos = hf.get("bos_token_id", text.get("bos_token_id"))
     cfg = model.config
     kv_heads, kv_dim, kv_value_dim, kv_shared = cfg.kv_cache_layout
+    num_heads = cfg.num_heads
+    if tp.size > 1:  # shard_model refuses MLA, so the first layer has plain attention
+        attention = model.model.layers[0].self_attn
+        num_heads, kv_heads = attention.num_heads, attention.num_kv_heads
     config = ModelConfig(
         architecture=architecture,
         model_type=hf.get("model_type", ""),
         num_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
+        num_attention_heads=num_heads,
         num_kv_heads=kv_heads,
         head_dim=kv_dim,
         hidden_size=cfg.hidden_size,

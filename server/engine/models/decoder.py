@@ -30,6 +30,7 @@ from bisllm_server.engine.layers.rotary import (
 from bisllm_server.engine.models.config import DecoderConfig
 from bisllm_server.engine.models.mla import MlaAttention
 from bisllm_server.engine.models.weights import WeightMapper, load_checkpoint_weights
+from bisllm_server.engine.parallel.tensor_parallel import SINGLE, TPGroup, TPSlices
 
 
 class Attention(nn.Module):
@@ -141,6 +142,8 @@ class DecoderLayer(nn.Module):
         eps, fp32_scale = cfg.rms_norm_eps, cfg.norm_fp32_scale
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps, fp32_scale)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, fp32_scale)
+        # Tensor parallel: attention and MLP outputs are partial sums, reduced over the group.
+        self.tp: TPGroup = SINGLE
 
     def forward(
         self,
@@ -150,8 +153,9 @@ class DecoderLayer(nn.Module):
         sin: torch.Tensor,
         attn: AttentionBackend,
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.self_attn(self.input_layernorm(x), positions, cos, sin, attn)
+        x = x + self.tp.all_reduce(h)
+        return x + self.tp.all_reduce(self.mlp(self.post_attention_layernorm(x)))
 
 
 class MtpLayer(nn.Module):
@@ -239,6 +243,10 @@ class DecoderForCausalLM(nn.Module):
             if cfg.num_mtp_layers
             else None
         )
+        # Tensor parallel (parallel/tensor_parallel.py): the head holds this rank's share of
+        # the vocabulary, gathered into full logits; what the loader reads of each tensor.
+        self.tp: TPGroup = SINGLE
+        self.tp_slices: TPSlices | None = None
 
     # no_grad rather than inference_mode: callers may edit the returned logits in place.
     @torch.no_grad()
@@ -260,7 +268,10 @@ class DecoderForCausalLM(nn.Module):
             capture.final = self.model.norm(hidden)
             capture.aux = torch.cat(aux, dim=-1) if aux else None
             hidden = capture.final[batch.logits_indices]
-        return F.linear(hidden, self.head_weight).float()
+        logits = F.linear(hidden, self.head_weight)
+        if self.lm_head is not None:
+            logits = self.tp.all_gather(logits, dim=-1)
+        return logits.float()
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -279,7 +290,10 @@ class DecoderForCausalLM(nn.Module):
         mapping); raises CheckpointMismatchError naming unknown, misshapen or missing tensors."""
         weights = self.convert_checkpoint_tensors(weights)
         cfg = self.config
-        mapper = WeightMapper(self, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim)
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        if self.tp.size > 1 and isinstance(attn := self.model.layers[0].self_attn, Attention):
+            q_size, kv_size = attn.q_size, attn.kv_size  # this rank's heads
+        mapper = WeightMapper(self, q_size, kv_size)
         # A tied head has no parameter of its own; a checkpoint may still carry a copy.
         skip = ["lm_head.weight"] if self.lm_head is None else []
         renames = list(self.checkpoint_renames)
@@ -294,7 +308,7 @@ class DecoderForCausalLM(nn.Module):
             prefix = f"model.layers.{cfg.num_layers + i}."
             skip += [prefix + "embed_tokens.weight", prefix + "shared_head.head.weight"]
         found_mtp = load_checkpoint_weights(
-            self, weights, mapper, renames, skip, optional_prefix="mtp."
+            self, weights, mapper, renames, skip, optional_prefix="mtp.", tp=self.tp_slices
         )
         if self.mtp is not None and not found_mtp:
             self.mtp = None  # checkpoints saved by transformers leave the MTP layers out

@@ -14,9 +14,12 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
+
+from bisllm_server.engine.parallel.tensor_parallel import TPSlices
 
 _EXPERT = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 _FUSED_EXPERTS = re.compile(r"^(.*\.experts)\.(gate_up_proj|down_proj)$")
@@ -84,32 +87,49 @@ class WeightMapper:
 
 def load_checkpoint_weights(
     model: nn.Module,
-    weights: Iterable[tuple[str, torch.Tensor]],
+    weights: Iterable[tuple[str, torch.Tensor | LazyTensor]],
     mapper: WeightMapper,
     renames: Iterable[tuple[str, str]] = (),
     skip: Iterable[str] = (),
     optional_prefix: str | None = None,
+    tp: TPSlices | None = None,
 ) -> bool:
     """Copy every (name, tensor) into place; raise CheckpointMismatchError on an unknown or
     misshapen tensor, and after the last one if any parameter was not (fully) written.
 
     Parameters under `optional_prefix` (e.g. the MTP layers) may be absent as a group: then
-    they count as missing only if some of them were written. Returns whether any was."""
+    they count as missing only if some of them were written. Returns whether any was.
+
+    Tensor parallel: `tp` says which part of a tensor this rank reads (a lazy tensor reads
+    only that part from the file) and which tensors belong to other ranks only."""
     compiled = [(re.compile(pattern), repl) for pattern, repl in renames]
     skip = set(skip)
     loaded: dict[str, set[str]] = defaultdict(set)  # parameter -> shard labels written
-    for ckpt_name, tensor in weights:
+    for ckpt_name, source in weights:
         if ckpt_name in skip or _IGNORED.search(ckpt_name):
             continue
         name = ckpt_name
         for pattern, repl in compiled:
             name = pattern.sub(repl, name)
+        if tp is not None and name in tp.skip:
+            continue
         target = mapper.resolve(name)
         if target is None:
             raise CheckpointMismatchError(
                 f"checkpoint tensor {ckpt_name!r} does not match any parameter of {type(model).__name__}"
             )
         pname, shard, dest = target
+        part = tp.slices.get((pname, shard)) if tp is not None else None
+        if part is not None:
+            dim, start, length = part
+            if start + length > source.shape[dim]:
+                raise CheckpointMismatchError(
+                    f"checkpoint tensor {ckpt_name!r} has shape {tuple(source.shape)}: too small "
+                    f"for this rank's slice {start}:{start + length} of dim {dim}"
+                )
+            tensor = source.narrow(dim, start, length)
+        else:
+            tensor = source.materialize() if isinstance(source, LazyTensor) else source
         if dest.shape != tensor.shape:
             raise CheckpointMismatchError(
                 f"checkpoint tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, but {pname} ({shard}) expects {tuple(dest.shape)}"
@@ -138,6 +158,29 @@ def load_checkpoint_weights(
             f"checkpoint is missing weights for {len(missing)} parameter(s): {', '.join(missing[:20])}{more}"
         )
     return optional_loaded
+
+
+class LazyTensor:
+    """A checkpoint tensor not read yet: a safetensors slice that reads only the part asked
+    for (`narrow`), or all of it (`materialize`). Valid while its file is open."""
+
+    def __init__(self, handle: Any, name: str, counter: list[int] | None = None) -> None:
+        self._slice = handle.get_slice(name)
+        self._handle, self._name, self._counter = handle, name, counter
+        self.shape = torch.Size(self._slice.get_shape())
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = [slice(None)] * len(self.shape)
+        index[dim] = slice(start, start + length)
+        return self._count(self._slice[tuple(index)])
+
+    def materialize(self) -> torch.Tensor:
+        return self._count(self._handle.get_tensor(self._name))
+
+    def _count(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._counter is not None:
+            self._counter[0] += tensor.nbytes
+        return tensor
 
 
 def _natural(label: str) -> tuple[int, str]:

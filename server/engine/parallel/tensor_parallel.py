@@ -1,0 +1,181 @@
+"""Tensor parallelism (Megatron-style) for the shared decoder, on torch.distributed.
+
+Each rank of a TP group holds a slice of every large matrix:
+- **Column-parallel** (output rows split): the fused qkv projection (this rank's attention
+  heads), the dense and shared-expert gate/up projections, every expert's gate/up rows, and the
+  LM head (its share of the vocabulary; the logits are gathered).
+- **Row-parallel** (input columns split): the attention output projection, the down
+  projections and every expert's down columns. Each rank's output is a partial sum, so a
+  decoder layer all-reduces once after attention and once after its MLP / MoE block. Biases
+  of row-parallel layers live on rank 0 only, so they are added once.
+- **Replicated**: embeddings, norms, routers.
+
+KV heads are split like query heads when there are at least as many as ranks. With fewer
+(GQA with 4 KV heads on 8 ranks), each rank keeps the one KV head its query heads read, so
+each KV head is stored by tp/kv ranks.
+
+`shard_model` rewrites a model built on the meta device into this rank's shapes, before any
+memory is allocated. It returns the `TPSlices` that tell the weight loader which part of each
+checkpoint tensor this rank reads, so no rank needs a whole tensor (with safetensors' lazy
+slices, not even read from disk).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class TensorParallelError(ValueError):
+    """The model cannot be split over this many ranks (a size does not divide)."""
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    """This rank's place in its tensor-parallel group; size 1 is the single-process engine."""
+
+    rank: int = 0
+    size: int = 1
+    group: Any = None  # a torch.distributed ProcessGroup (None: the default group)
+
+    def split(self, total: int, what: str) -> tuple[int, int]:
+        """(start, length) of this rank's equal share of `total` items."""
+        if total % self.size:
+            raise TensorParallelError(
+                f"{what} = {total} does not divide over tensor_parallel_size {self.size}"
+            )
+        length = total // self.size
+        return self.rank * length, length
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim)
+
+
+SINGLE = TPGroup()
+
+
+@dataclass
+class TPSlices:
+    """Per (parameter name, shard label): the (dim, start, length) of the checkpoint tensor
+    this rank reads; `skip`: checkpoint-side parameter names this rank does not hold (the
+    row-parallel biases of ranks other than 0)."""
+
+    slices: dict[tuple[str, str], tuple[int, int, int]] = field(default_factory=dict)
+    skip: set[str] = field(default_factory=set)
+
+    def add(self, pname: str, shard: str, dim: int, start: int, length: int) -> None:
+        self.slices[(pname, shard)] = (dim, start, length)
+
+
+def shard_model(model: nn.Module, tp: TPGroup) -> TPSlices:
+    """Rewrite `model` (a DecoderForCausalLM on the meta device) into this rank's shard."""
+    from bisllm_server.engine.layers.mlp import SwiGLUMLP
+    from bisllm_server.engine.layers.moe import FusedExperts
+    from bisllm_server.engine.models.decoder import Attention, DecoderLayer
+    from bisllm_server.engine.models.mla import MlaAttention
+
+    out = TPSlices()
+    if tp.size == 1:
+        return out
+    for name, module in list(model.named_modules()):
+        prefix = f"{name}." if name else ""
+        if isinstance(module, MlaAttention):
+            raise TensorParallelError(
+                "tensor parallelism does not split MLA attention yet (DeepSeek-V3, Kimi-K2); "
+                "use tensor_parallel_size 1 for this model"
+            )
+        if isinstance(module, Attention):
+            _shard_attention(module, prefix, tp, out)
+        elif isinstance(module, SwiGLUMLP):
+            _shard_mlp(module, prefix, tp, out)
+        elif isinstance(module, FusedExperts):
+            _shard_experts(module, prefix, tp, out)
+        elif isinstance(module, DecoderLayer):
+            module.tp = tp  # all-reduces its attention and MLP outputs
+    head = getattr(model, "lm_head", None)
+    if head is not None:  # a tied head is the (replicated) embedding: nothing to gather
+        start, length = tp.split(head.out_features, "vocab_size")
+        model.lm_head = nn.Linear(head.in_features, length, bias=False)
+        out.add("lm_head.weight", "all", 0, start, length)
+    model.tp = tp  # gathers the vocabulary shards of the logits
+    return out
+
+
+def _row_parallel(
+    linear: nn.Linear, in_start: int, in_len: int, pname: str, tp: TPGroup, out: TPSlices
+) -> nn.Linear:
+    bias = linear.bias is not None and tp.rank == 0
+    if linear.bias is not None and not bias:
+        out.skip.add(f"{pname}.bias")
+    out.add(f"{pname}.weight", "all", 1, in_start, in_len)
+    return nn.Linear(in_len, linear.out_features, bias=bias)
+
+
+def _shard_attention(attn: Any, prefix: str, tp: TPGroup, out: TPSlices) -> None:
+    d = attn.head_dim
+    q_start, q_heads = tp.split(attn.num_heads, "num_attention_heads")
+    kv = attn.num_kv_heads
+    if kv >= tp.size:
+        kv_start, kv_heads = tp.split(kv, "num_key_value_heads")
+    elif tp.size % kv == 0:
+        kv_start, kv_heads = tp.rank * kv // tp.size, 1  # the KV head this rank's queries read
+    else:
+        raise TensorParallelError(
+            f"num_key_value_heads = {kv} neither divides over nor into tensor_parallel_size "
+            f"{tp.size}"
+        )
+    qkv = attn.qkv_proj
+    attn.qkv_proj = nn.Linear(
+        qkv.in_features, (q_heads + 2 * kv_heads) * d, bias=qkv.bias is not None
+    )
+    for part in ("weight", "bias") if qkv.bias is not None else ("weight",):
+        pname = f"{prefix}qkv_proj.{part}"
+        out.add(pname, "q_proj", 0, q_start * d, q_heads * d)
+        out.add(pname, "k_proj", 0, kv_start * d, kv_heads * d)
+        out.add(pname, "v_proj", 0, kv_start * d, kv_heads * d)
+    attn.o_proj = _row_parallel(attn.o_proj, q_start * d, q_heads * d, f"{prefix}o_proj", tp, out)
+    if attn.sinks is not None:
+        attn.sinks = nn.Parameter(torch.empty(q_heads))
+        out.add(f"{prefix}sinks", "all", 0, q_start, q_heads)
+    attn.num_heads, attn.num_kv_heads = q_heads, kv_heads
+    attn.q_size, attn.kv_size = q_heads * d, kv_heads * d
+
+
+def _shard_mlp(mlp: Any, prefix: str, tp: TPGroup, out: TPSlices) -> None:
+    gate_up = mlp.gate_up_proj
+    start, length = tp.split(gate_up.out_features // 2, "intermediate_size")
+    mlp.gate_up_proj = nn.Linear(gate_up.in_features, 2 * length, bias=gate_up.bias is not None)
+    for part in ("weight", "bias") if gate_up.bias is not None else ("weight",):
+        for shard in ("gate_proj", "up_proj"):
+            out.add(f"{prefix}gate_up_proj.{part}", shard, 0, start, length)
+    mlp.down_proj = _row_parallel(mlp.down_proj, start, length, f"{prefix}down_proj", tp, out)
+
+
+def _shard_experts(experts: Any, prefix: str, tp: TPGroup, out: TPSlices) -> None:
+    num_experts, rows, hidden = experts.w13.shape
+    start, length = tp.split(rows // 2, "moe_intermediate_size")
+    if experts.b13 is not None:
+        raise TensorParallelError(
+            "tensor parallelism does not split experts with biases yet (GPT-OSS); use "
+            "tensor_parallel_size 1 for this model"
+        )
+    experts.w13 = nn.Parameter(torch.empty(num_experts, 2 * length, hidden))
+    experts.w2 = nn.Parameter(torch.empty(num_experts, hidden, length))
+    for e in range(num_experts):
+        # A per-expert checkpoint tensor: gate/up [I, H] (rows split), down [H, I] (columns).
+        out.add(f"{prefix}w13", f"{e}.gate_proj", 0, start, length)
+        out.add(f"{prefix}w13", f"{e}.up_proj", 0, start, length)
+        out.add(f"{prefix}w2", f"{e}.down_proj", 1, start, length)
