@@ -1,8 +1,9 @@
 """Tensor parallelism on torch.distributed with gloo: two processes, each an engine over its
 shard of the model, fed the same requests, produce exactly the greedy tokens of the
 single-process engine. The variants cover GQA heads split across ranks, one KV head shared
-by both ranks, dense and MoE layers with a tied head, and row-parallel biases. Each rank
-reads only its slices of the checkpoint."""
+by both ranks, dense and MoE layers with a tied head, row-parallel biases, and DeepSeek-V3's
+MLA heads (latent cache whole on each rank) with grouped routing and shared experts. Each
+rank reads only its slices of the checkpoint."""
 
 from __future__ import annotations
 
@@ -73,7 +74,10 @@ def run_tensor_parallel(path: str) -> dict[int, tuple[list[list[int]], int, int]
     return out
 
 
-@pytest.mark.parametrize("variant", ["qwen3_moe", "qwen3_moe_mqa", "qwen3_moe_mixed", "llama"])
+@pytest.mark.parametrize(
+    "variant",
+    ["qwen3_moe", "qwen3_moe_mqa", "qwen3_moe_mixed", "llama", "deepseek_v3", "deepseek_v3_plain"],
+)
 def test_two_ranks_generate_the_single_process_tokens(variant, checkpoint):
     path = str(checkpoint(variant))
     loaded = load_model(path, dtype="float32")
@@ -85,11 +89,11 @@ def test_two_ranks_generate_the_single_process_tokens(variant, checkpoint):
         # Each rank read its slices, not the whole checkpoint (embeddings and norms are
         # replicated, so a little over half).
         assert read < 0.8 * full_read, (rank, read, full_read)
-        assert kv_heads == max(1, loaded.config.num_kv_heads // WORLD)
+        # GQA splits its KV heads (or shares one); MLA keeps its one latent "head" whole.
+        kv = loaded.config.num_kv_heads
+        assert kv_heads == (kv if loaded.config.kv_shared else max(1, kv // WORLD))
 
 
 def test_models_that_do_not_split_say_why(checkpoint):
-    with pytest.raises(TensorParallelError, match="does not split MLA"):
-        load_model(checkpoint("deepseek_v3"), dtype="float32", tp=TPGroup(0, 2))
     with pytest.raises(TensorParallelError, match="num_attention_heads = 4 does not divide"):
         load_model(checkpoint("qwen3_moe"), dtype="float32", tp=TPGroup(0, 3))

@@ -194,9 +194,11 @@ def load_model(
     cfg = model.config
     kv_heads, kv_dim, kv_value_dim, kv_shared = cfg.kv_cache_layout
     num_heads = cfg.num_heads
-    if tp.size > 1:  # shard_model refuses MLA, so the first layer has plain attention
+    if tp.size > 1:  # this rank's heads; MLA's latent cache is whole on every rank
         attention = model.model.layers[0].self_attn
-        num_heads, kv_heads = attention.num_heads, attention.num_kv_heads
+        num_heads = attention.num_heads
+        if not kv_shared:
+            kv_heads = attention.num_kv_heads
     config = ModelConfig(
         architecture=architecture,
         model_type=hf.get("model_type", ""),

@@ -12,7 +12,9 @@ Each rank of a TP group holds a slice of every large matrix:
 
 KV heads are split like query heads when there are at least as many as ranks. With fewer
 (GQA with 4 KV heads on 8 ranks), each rank keeps the one KV head its query heads read, so
-each KV head is stored by tp/kv ranks.
+each KV head is stored by tp/kv ranks. MLA (DeepSeek-V3, Kimi-K2) splits its heads, and its
+latent KV cache, one latent per token, is kept whole on every rank (SGLang's DP attention is
+the way to avoid that copy).
 
 `shard_model` rewrites a model built on the meta device into this rank's shapes, before any
 memory is allocated. It returns the `TPSlices` that tell the weight loader which part of each
@@ -93,11 +95,8 @@ def shard_model(model: nn.Module, tp: TPGroup) -> TPSlices:
     for name, module in list(model.named_modules()):
         prefix = f"{name}." if name else ""
         if isinstance(module, MlaAttention):
-            raise TensorParallelError(
-                "tensor parallelism does not split MLA attention yet (DeepSeek-V3, Kimi-K2); "
-                "use tensor_parallel_size 1 for this model"
-            )
-        if isinstance(module, Attention):
+            _shard_mla(module, prefix, tp, out)
+        elif isinstance(module, Attention):
             _shard_attention(module, prefix, tp, out)
         elif isinstance(module, SwiGLUMLP):
             _shard_mlp(module, prefix, tp, out)
@@ -152,6 +151,25 @@ def _shard_attention(attn: Any, prefix: str, tp: TPGroup, out: TPSlices) -> None
         out.add(f"{prefix}sinks", "all", 0, q_start, q_heads)
     attn.num_heads, attn.num_kv_heads = q_heads, kv_heads
     attn.q_size, attn.kv_size = q_heads * d, kv_heads * d
+
+
+def _shard_mla(mla: Any, prefix: str, tp: TPGroup, out: TPSlices) -> None:
+    """Heads split; the latent projections (and so the latent KV cache) are replicated: the
+    cache holds one latent per token whatever the head count, so every rank keeps it whole."""
+    start, heads = tp.split(mla.num_heads, "num_attention_heads")
+    qk = mla.nope_dim + mla.rope_dim
+    if mla.q_proj is not None:
+        mla.q_proj = nn.Linear(mla.q_proj.in_features, heads * qk, bias=False)
+        out.add(f"{prefix}q_proj.weight", "all", 0, start * qk, heads * qk)
+    else:
+        mla.q_b_proj = nn.Linear(mla.q_b_proj.in_features, heads * qk, bias=False)
+        out.add(f"{prefix}q_b_proj.weight", "all", 0, start * qk, heads * qk)
+    per_head = mla.nope_dim + mla.v_head_dim
+    mla.kv_b_proj = nn.Linear(mla.kv_lora_rank, heads * per_head, bias=False)
+    out.add(f"{prefix}kv_b_proj.weight", "all", 0, start * per_head, heads * per_head)
+    v = mla.v_head_dim
+    mla.o_proj = _row_parallel(mla.o_proj, start * v, heads * v, f"{prefix}o_proj", tp, out)
+    mla.num_heads = heads
 
 
 def _shard_mlp(mlp: Any, prefix: str, tp: TPGroup, out: TPSlices) -> None:
