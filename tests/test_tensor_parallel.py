@@ -44,14 +44,14 @@ def generate(llm: LLMEngine) -> list[list[int]]:
     return [tokens[rid] for rid in rids]
 
 
-def _rank(rank: int, path: str, port: int, results: Any) -> None:
+def _rank(rank: int, path: str, port: int, results: Any, ep_size: int = 1) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
     )
     try:
-        tp = TPGroup(rank, WORLD)
+        tp = TPGroup(rank, WORLD, ep_size=ep_size)
         loaded = load_model(path, dtype="float32", tp=tp)
         llm = LLMEngine(config(path), model=loaded.model, model_config=loaded.config, tp=tp)
         tokens = generate(llm)
@@ -60,12 +60,12 @@ def _rank(rank: int, path: str, port: int, results: Any) -> None:
         dist.destroy_process_group()
 
 
-def run_tensor_parallel(path: str) -> dict[int, tuple[list[list[int]], int, int]]:
+def run_tensor_parallel(path: str, ep_size: int = 1) -> dict[int, tuple[list[list[int]], int, int]]:
     context = mp.get_context("spawn")
     results = context.Queue()
     (port,) = free_ports(1)
     mp.start_processes(
-        _rank, args=(path, port, results), nprocs=WORLD, join=True, start_method="spawn"
+        _rank, args=(path, port, results, ep_size), nprocs=WORLD, join=True, start_method="spawn"
     )
     out = {}
     for _ in range(WORLD):
@@ -97,3 +97,21 @@ def test_two_ranks_generate_the_single_process_tokens(variant, checkpoint):
 def test_models_that_do_not_split_say_why(checkpoint):
     with pytest.raises(TensorParallelError, match="num_attention_heads = 4 does not divide"):
         load_model(checkpoint("qwen3_moe"), dtype="float32", tp=TPGroup(0, 3))
+
+
+@pytest.mark.parametrize("variant", ["qwen3_moe", "deepseek_v3"])
+def test_expert_parallel_ranks_generate_the_single_process_tokens(variant, checkpoint):
+    """EP=2 inside TP=2: each rank holds half the experts whole (and half of every dense
+    matrix); the layer's all-reduce combines the two halves of the routed sum."""
+    path = str(checkpoint(variant))
+    loaded = load_model(path, dtype="float32")
+    expected = generate(LLMEngine(config(path), model=loaded.model, model_config=loaded.config))
+    ranks = run_tensor_parallel(path, ep_size=WORLD)
+    for rank, (tokens, read, _) in ranks.items():
+        assert tokens == expected, f"rank {rank}"
+        assert read < 0.8 * loaded.bytes_read, (rank, read, loaded.bytes_read)
+    sharded = load_model(path, dtype="float32", tp=TPGroup(1, WORLD, ep_size=WORLD))
+    experts = [m for m in sharded.model.modules() if getattr(m, "local_experts", None)]
+    full = loaded.model.config.num_experts
+    assert experts and all(m.local_experts == (full // 2, full // 2) for m in experts)
+    assert all(m.w13.shape[0] == full // 2 for m in experts)

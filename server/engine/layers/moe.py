@@ -266,8 +266,34 @@ class FusedExperts(nn.Module):
         self.b2 = nn.Parameter(torch.empty(num_experts, hidden_size)) if bias else None
         self.activation = activation
         self.backend: ExpertsBackend = DEFAULT_EXPERTS_BACKEND
+        # Expert parallel (parallel/tensor_parallel.py): this rank holds experts first ..
+        # first + count - 1 only; None: every expert.
+        self.local_experts: tuple[int, int] | None = None
 
     def forward(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        if self.local_experts is not None:
+            return self._forward_local(x, topk_ids, topk_weights)
+        return self._run(x, topk_ids, topk_weights)
+
+    def _forward_local(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """This rank's share of the routed sum: every (token, slot) pair routed to a local
+        expert runs as a one-expert row; the other ranks add the rest (the layer's
+        all-reduce)."""
+        first, count = self.local_experts  # type: ignore[misc]
+        local = (topk_ids >= first) & (topk_ids < first + count)
+        token, slot = local.nonzero(as_tuple=True)
+        out = torch.zeros(x.shape[0], self.w2.shape[1], dtype=x.dtype, device=x.device)
+        if token.numel():
+            ids = (topk_ids[token, slot] - first)[:, None]
+            rows = self._run(x[token], ids, topk_weights[token, slot][:, None])
+            out.index_add_(0, token, rows.to(out.dtype))
+        return out
+
+    def _run(
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
         return self.backend.forward(

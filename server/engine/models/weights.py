@@ -111,8 +111,11 @@ def load_checkpoint_weights(
         name = ckpt_name
         for pattern, repl in compiled:
             name = pattern.sub(repl, name)
-        if tp is not None and name in tp.skip:
-            continue
+        if tp is not None:
+            local = tp.local_name(name)
+            if local is None or local in tp.skip:
+                continue  # another rank's expert or bias
+            name = local
         target = mapper.resolve(name)
         if target is None:
             raise CheckpointMismatchError(

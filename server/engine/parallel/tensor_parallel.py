@@ -9,6 +9,11 @@ Each rank of a TP group holds a slice of every large matrix:
   decoder layer all-reduces once after attention and once after its MLP / MoE block. Biases
   of row-parallel layers live on rank 0 only, so they are added once.
 - **Replicated**: embeddings, norms, routers.
+- **Expert parallel** (`ep_size` > 1): the experts themselves are split over `ep_size` groups
+  of ranks. Activations are the same on every rank of the group, so each rank runs its own
+  experts on the tokens routed to them, and the layer's all-reduce combines the partial sums:
+  the dispatch and combine of pure TP + EP need no all-to-all. Each expert's intermediate
+  columns are still split over the `size / ep_size` ranks of its group.
 
 KV heads are split like query heads when there are at least as many as ranks. With fewer
 (GQA with 4 KV heads on 8 ranks), each rank keeps the one KV head its query heads read, so
@@ -43,6 +48,21 @@ class TPGroup:
     rank: int = 0
     size: int = 1
     group: Any = None  # a torch.distributed ProcessGroup (None: the default group)
+    # Expert parallel inside the group: ep_size groups of experts, each split over
+    # size / ep_size ranks by intermediate columns (1: every rank has a slice of every expert).
+    ep_size: int = 1
+
+    @property
+    def moe_tp_size(self) -> int:
+        return self.size // self.ep_size
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank // self.moe_tp_size
+
+    @property
+    def moe_tp_rank(self) -> int:
+        return self.rank % self.moe_tp_size
 
     def split(self, total: int, what: str) -> tuple[int, int]:
         """(start, length) of this rank's equal share of `total` items."""
@@ -77,6 +97,22 @@ class TPSlices:
 
     slices: dict[tuple[str, str], tuple[int, int, int]] = field(default_factory=dict)
     skip: set[str] = field(default_factory=set)
+    # Expert parallel: experts module name -> (first expert held here, how many); the
+    # checkpoint's expert e is this rank's e - first, the others belong to other ranks.
+    experts: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def local_name(self, name: str) -> str | None:
+        """A checkpoint parameter name renumbered to this rank's experts; None when the
+        expert lives on another rank."""
+        head, sep, tail = name.partition(".experts.")
+        if not sep or f"{head}.experts" not in self.experts:
+            return name
+        index, _, rest = tail.partition(".")
+        if not index.isdigit():
+            return name  # fused per-layer tensors: not split by expert here
+        first, count = self.experts[f"{head}.experts"]
+        local = int(index) - first
+        return f"{head}.experts.{local}.{rest}" if 0 <= local < count else None
 
     def add(self, pname: str, shard: str, dim: int, start: int, length: int) -> None:
         self.slices[(pname, shard)] = (dim, start, length)
@@ -183,17 +219,30 @@ def _shard_mlp(mlp: Any, prefix: str, tp: TPGroup, out: TPSlices) -> None:
 
 
 def _shard_experts(experts: Any, prefix: str, tp: TPGroup, out: TPSlices) -> None:
+    """Experts split over the EP groups (this rank holds experts first .. first + count - 1,
+    numbered 0.. locally), each expert's intermediate columns over the ranks of an EP group."""
     num_experts, rows, hidden = experts.w13.shape
-    start, length = tp.split(rows // 2, "moe_intermediate_size")
+    if tp.size % tp.ep_size:
+        raise TensorParallelError(
+            f"expert_parallel_size {tp.ep_size} does not divide tensor_parallel_size {tp.size}"
+        )
+    ep = TPGroup(tp.ep_rank, tp.ep_size)
+    first, count = ep.split(num_experts, "num_experts")
+    moe_tp = TPGroup(tp.moe_tp_rank, tp.moe_tp_size)
+    start, length = moe_tp.split(rows // 2, "moe_intermediate_size")
     if experts.b13 is not None:
         raise TensorParallelError(
             "tensor parallelism does not split experts with biases yet (GPT-OSS); use "
             "tensor_parallel_size 1 for this model"
         )
-    experts.w13 = nn.Parameter(torch.empty(num_experts, 2 * length, hidden))
-    experts.w2 = nn.Parameter(torch.empty(num_experts, hidden, length))
-    for e in range(num_experts):
+    experts.w13 = nn.Parameter(torch.empty(count, 2 * length, hidden))
+    experts.w2 = nn.Parameter(torch.empty(count, hidden, length))
+    if tp.ep_size > 1:
+        experts.local_experts = (first, count)
+        out.experts[prefix.removesuffix(".")] = (first, count)
+    for e in range(count):
         # A per-expert checkpoint tensor: gate/up [I, H] (rows split), down [H, I] (columns).
-        out.add(f"{prefix}w13", f"{e}.gate_proj", 0, start, length)
-        out.add(f"{prefix}w13", f"{e}.up_proj", 0, start, length)
-        out.add(f"{prefix}w2", f"{e}.down_proj", 1, start, length)
+        if moe_tp.size > 1:
+            out.add(f"{prefix}w13", f"{e}.gate_proj", 0, start, length)
+            out.add(f"{prefix}w13", f"{e}.up_proj", 0, start, length)
+            out.add(f"{prefix}w2", f"{e}.down_proj", 1, start, length)
