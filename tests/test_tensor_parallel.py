@@ -111,7 +111,60 @@ def test_expert_parallel_ranks_generate_the_single_process_tokens(variant, check
         assert tokens == expected, f"rank {rank}"
         assert read < 0.8 * loaded.bytes_read, (rank, read, loaded.bytes_read)
     sharded = load_model(path, dtype="float32", tp=TPGroup(1, WORLD, ep_size=WORLD))
-    experts = [m for m in sharded.model.modules() if getattr(m, "local_experts", None)]
+    experts = [m for m in sharded.model.modules() if getattr(m, "local_slots", None)]
     full = loaded.model.config.num_experts
-    assert experts and all(m.local_experts == (full // 2, full // 2) for m in experts)
+    assert experts and all(m.local_slots == (full // 2, full // 2) for m in experts)
     assert all(m.w13.shape[0] == full // 2 for m in experts)
+
+
+def _eplb_rank(rank: int, path: str, port: int, results: Any) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    try:
+        settings = config(path)
+        settings.ep_num_redundant_experts = 2  # 8 experts in 10 slots, 5 per rank
+        settings.eplb_rebalance_interval = 3  # several rebalances inside one generation
+        llm = LLMEngine(settings, tp=TPGroup(rank, WORLD, ep_size=WORLD))
+        tokens = generate(llm)
+        balancer = llm.balancer
+        assert balancer is not None
+        results.put(
+            (
+                rank,
+                tokens,
+                balancer.rebalances,
+                balancer.experts_moved,
+                tuple(map(tuple, balancer.placement.phy2log.tolist())),
+                llm.stats.expert_imbalance,
+            )
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_live_expert_rebalancing_mid_generation_leaves_the_tokens_unchanged(checkpoint):
+    """EP=2 with two redundant expert slots, rebalanced every 3 forward passes while the
+    batch generates: experts move between slots and ranks, the tokens stay those of the
+    single-process engine, and both ranks agree on every placement without messages."""
+    path = str(checkpoint("qwen3_moe"))
+    loaded = load_model(path, dtype="float32")
+    expected = generate(LLMEngine(config(path), model=loaded.model, model_config=loaded.config))
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    (port,) = free_ports(1)
+    mp.start_processes(
+        _eplb_rank, args=(path, port, results), nprocs=WORLD, join=True, start_method="spawn"
+    )
+    ranks = dict((r[0], r[1:]) for r in (results.get(timeout=60) for _ in range(WORLD)))
+    placements = set()
+    for rank, (tokens, rebalances, moved, phy2log, imbalance) in ranks.items():
+        assert tokens == expected, f"rank {rank}"
+        assert rebalances >= 3 and moved > 0, (rank, rebalances, moved)
+        assert 1.0 <= imbalance < 2.0
+        placements.add(str(phy2log))
+    assert len(placements) == 1  # the same placement, computed apart on each rank
+    trivial = [i % 8 for i in range(10)]
+    assert any(layer != trivial for layer in eval(placements.pop()))

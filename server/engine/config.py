@@ -46,6 +46,11 @@ class EngineConfig:
     speculative_method: SpeculativeMethod | None = None
     num_draft_tokens: int = 4
     speculative_model: str | Path | None = None
+    # Expert-parallel load balancing (an engine given a TP group with ep_size > 1): redundant
+    # expert slots per MoE layer (SGLang's --ep-num-redundant-experts), and forward passes
+    # between rebalances (--eplb-rebalance-num-iterations; 0: never rebalance).
+    ep_num_redundant_experts: int = 0
+    eplb_rebalance_interval: int = 0
     ngram_min: int = 1
     ngram_max: int = 4
 
@@ -63,6 +68,10 @@ class EngineConfig:
         for name, value in positive.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise EngineConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("ep_num_redundant_experts", "eplb_rebalance_interval"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise EngineConfigError(f"{name} must be an integer >= 0, got {value!r}")
         if not 0.0 < self.gpu_memory_fraction <= 1.0:
             raise EngineConfigError(
                 f"gpu_memory_fraction must be in (0, 1], got {self.gpu_memory_fraction!r}"

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from bisllm_server.engine import cpu_kernels
 from bisllm_server.engine.attention import AttentionBackend, TorchAttentionBackend
@@ -35,6 +36,7 @@ from bisllm_server.engine.layers.moe import set_experts_backend
 from bisllm_server.engine.loader import ModelConfig, load_model
 from bisllm_server.engine.model_runner import CausalModel, ModelRunner
 from bisllm_server.engine.models.decoder import DecoderForCausalLM
+from bisllm_server.engine.parallel.expert_balancer import ExpertBalancer
 from bisllm_server.engine.parallel.tensor_parallel import SINGLE, TPGroup
 from bisllm_server.engine.radix_cache import RadixCache
 from bisllm_server.engine.request import CompletionOutput, Request, RequestOutput
@@ -90,7 +92,13 @@ class LLMEngine:
         config.validate()
         self.config = config
         if model is None:
-            loaded = load_model(config.model, dtype=config.dtype, device=config.device, tp=tp)
+            loaded = load_model(
+                config.model,
+                dtype=config.dtype,
+                device=config.device,
+                tp=tp,
+                num_redundant_experts=config.ep_num_redundant_experts,
+            )
             model, model_config = loaded.model, loaded.config
         assert model_config is not None, "model_config is required with an explicit model"
         self.model_config = model_config
@@ -100,6 +108,12 @@ class LLMEngine:
         self.max_seq_len = config.max_seq_len or model_config.max_position_embeddings
         self.eos_token_ids = frozenset(model_config.eos_token_ids)
 
+        # Expert-parallel load balancing: on a model sharded with expert parallelism.
+        self.balancer = (
+            ExpertBalancer(model, model.tp_slices, tp, interval=config.eplb_rebalance_interval)
+            if tp.ep_size > 1 and config.eplb_rebalance_interval and isinstance(model, nn.Module)
+            else None
+        )
         draft = self._load_draft_model(model)
         num_pages = config.num_kv_pages or self._pages_for_budget(draft)
         self.kv_pool = KVPool(
@@ -432,6 +446,8 @@ class LLMEngine:
             rows = [self._sampling_row(batch.items[i][0]) for i in plain]
             result, dead = self._sample(logits, rows)
             self.scheduler.after_forward(batch)
+            if self.balancer is not None:
+                self.balancer.after_forward()  # may move expert slots, between two steps
             for j in dead:
                 req = batch.items[plain[j]][0]
                 req.finish_reason, req.stop_reason = "abort", "no token allowed by its constraints"
@@ -840,4 +856,5 @@ class LLMEngine:
             step_seconds=seconds,
             schedule_seconds=schedule_seconds,
             forward_seconds=forward_seconds,
+            expert_imbalance=self.balancer.imbalance() if self.balancer is not None else 1.0,
         )

@@ -122,7 +122,7 @@ def _stream_lazy(files: list[Path], counter: list[int]) -> Iterator[tuple[str, L
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                yield name, LazyTensor(f, name, counter)
+                yield name, LazyTensor(f, name, counter, str(file))
 
 
 def _token_ids(value: int | list[int] | None) -> list[int]:
@@ -136,6 +136,7 @@ def load_model(
     dtype: torch.dtype | str = "auto",
     device: str | torch.device = "cpu",
     tp: TPGroup = SINGLE,
+    num_redundant_experts: int = 0,
 ) -> LoadedModel:
     """The checkpoint's model on `device`; with a tensor-parallel group, this rank's shard
     (parallel/tensor_parallel.py), its KV layout counting this rank's KV heads only."""
@@ -155,7 +156,7 @@ def load_model(
     with torch.device("meta"):
         model = model_cls(hf)
         if tp.size > 1:
-            model.tp_slices = shard_model(model, tp)
+            model.tp_slices = shard_model(model, tp, num_redundant_experts)
     model = model.to(dtype=torch_dtype)
     for module in model.modules():  # e.g. routers that transformers also keeps in fp32
         for name in getattr(module, "fp32_parameters", ()):

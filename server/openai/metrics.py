@@ -149,6 +149,13 @@ class ServerMetrics:
             m,
             registry=r,
         ).labels(model_name)
+        self._expert_imbalance = Gauge(
+            "bisllm_expert_load_imbalance",
+            "Expert parallel: routed tokens on the busiest rank / the mean rank, worst MoE "
+            "layer, over the load balancer's window (1: even, or no expert parallelism).",
+            m,
+            registry=r,
+        ).labels(model_name)
         self._prefix_hit_rate = Gauge(
             "bisllm_prefix_cache_hit_rate",
             "Prompt tokens served from the prefix cache / prompt tokens, since the engine started.",
@@ -257,6 +264,7 @@ class ServerMetrics:
         # counting them would show a warm server as permanently full.
         held = stats.kv_pages_used - stats.kv_pages_evictable
         self._kv_usage.set(held / stats.kv_pages_total if stats.kv_pages_total else 0.0)
+        self._expert_imbalance.set(stats.expert_imbalance)
         if stats.prompt_tokens_total > 0:
             rate = stats.cached_tokens_total / stats.prompt_tokens_total
             self._prefix_hit_rate.set(min(rate, 1.0))

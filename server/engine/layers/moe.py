@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -266,29 +267,51 @@ class FusedExperts(nn.Module):
         self.b2 = nn.Parameter(torch.empty(num_experts, hidden_size)) if bias else None
         self.activation = activation
         self.backend: ExpertsBackend = DEFAULT_EXPERTS_BACKEND
-        # Expert parallel (parallel/tensor_parallel.py): this rank holds experts first ..
-        # first + count - 1 only; None: every expert.
-        self.local_experts: tuple[int, int] | None = None
+        # Expert parallel (parallel/tensor_parallel.py, eplb.py): this rank holds physical
+        # slots first .. first + count - 1 (w13[j] is slot first + j); a routed expert's
+        # replicas are log2phy[e, :logcnt[e]]. None: every expert, numbered as routed.
+        self.local_slots: tuple[int, int] | None = None
+        self.moe_index = 0  # this layer's position among the MoE layers (EPLB's layer)
+        self.log2phy: torch.Tensor | None = None
+        self.logcnt: torch.Tensor | None = None
+        self.recorder: Any = None  # an eplb.ExpertLoadRecorder counting the routed experts
+
+    def set_placement(
+        self, index: int, log2phy: torch.Tensor, logcnt: torch.Tensor, first: int, count: int
+    ) -> None:
+        """Hold physical slots first .. first + count - 1 of a placement's layer."""
+        self.moe_index = index
+        self.log2phy, self.logcnt = log2phy, logcnt
+        self.local_slots = (first, count)
 
     def forward(
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
-        if self.local_experts is not None:
+        if self.recorder is not None:
+            self.recorder.record(self.moe_index, topk_ids)
+        if self.local_slots is not None:
             return self._forward_local(x, topk_ids, topk_weights)
         return self._run(x, topk_ids, topk_weights)
 
     def _forward_local(
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ) -> torch.Tensor:
-        """This rank's share of the routed sum: every (token, slot) pair routed to a local
-        expert runs as a one-expert row; the other ranks add the rest (the layer's
-        all-reduce)."""
-        first, count = self.local_experts  # type: ignore[misc]
-        local = (topk_ids >= first) & (topk_ids < first + count)
+        """This rank's share of the routed sum. Each (token, slot) pair goes to one replica
+        of its expert, chosen by token index among the replicas: the same choice on every
+        rank (they all see the same routing), so each pair runs exactly once somewhere. The
+        pairs whose replica is here run as one-expert rows; the layer's all-reduce adds the
+        other ranks' shares."""
+        assert self.log2phy is not None and self.logcnt is not None
+        first, count = self.local_slots  # type: ignore[misc]
+        log2phy = self.log2phy.to(topk_ids.device)
+        logcnt = self.logcnt.to(topk_ids.device)
+        tokens = torch.arange(topk_ids.shape[0], device=topk_ids.device)[:, None]
+        physical = log2phy[topk_ids, tokens % logcnt[topk_ids]]
+        local = (physical >= first) & (physical < first + count)
         token, slot = local.nonzero(as_tuple=True)
         out = torch.zeros(x.shape[0], self.w2.shape[1], dtype=x.dtype, device=x.device)
         if token.numel():
-            ids = (topk_ids[token, slot] - first)[:, None]
+            ids = (physical[token, slot] - first)[:, None]
             rows = self._run(x[token], ids, topk_weights[token, slot][:, None])
             out.index_add_(0, token, rows.to(out.dtype))
         return out

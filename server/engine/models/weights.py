@@ -111,36 +111,14 @@ def load_checkpoint_weights(
         name = ckpt_name
         for pattern, repl in compiled:
             name = pattern.sub(repl, name)
+        names = [name]
         if tp is not None:
-            local = tp.local_name(name)
-            if local is None or local in tp.skip:
-                continue  # another rank's expert or bias
-            name = local
-        target = mapper.resolve(name)
-        if target is None:
-            raise CheckpointMismatchError(
-                f"checkpoint tensor {ckpt_name!r} does not match any parameter of {type(model).__name__}"
-            )
-        pname, shard, dest = target
-        part = tp.slices.get((pname, shard)) if tp is not None else None
-        if part is not None:
-            dim, start, length = part
-            if start + length > source.shape[dim]:
-                raise CheckpointMismatchError(
-                    f"checkpoint tensor {ckpt_name!r} has shape {tuple(source.shape)}: too small "
-                    f"for this rank's slice {start}:{start + length} of dim {dim}"
-                )
-            tensor = source.narrow(dim, start, length)
-        else:
-            tensor = source.materialize() if isinstance(source, LazyTensor) else source
-        if dest.shape != tensor.shape:
-            raise CheckpointMismatchError(
-                f"checkpoint tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, but {pname} ({shard}) expects {tuple(dest.shape)}"
-            )
-        with torch.no_grad():
-            dest.copy_(tensor)
-        loaded[pname].add(shard)
-
+            tp.note_source(name, ckpt_name, source)
+            # Another rank's expert or bias: nothing here; an expert in several local slots:
+            # each of them.
+            names = [n for n in tp.local_names(name) if n not in tp.skip]
+        for local in names:
+            _load_one(model, mapper, tp, ckpt_name, local, source, loaded)
     optional_loaded = optional_prefix is not None and any(
         pname.startswith(optional_prefix) for pname in loaded
     )
@@ -163,13 +141,52 @@ def load_checkpoint_weights(
     return optional_loaded
 
 
+def _load_one(
+    model: nn.Module,
+    mapper: WeightMapper,
+    tp: TPSlices | None,
+    ckpt_name: str,
+    name: str,
+    source: torch.Tensor | LazyTensor,
+    loaded: dict[str, set[str]],
+) -> None:
+    """Copy one checkpoint tensor (or this rank's slice of it) into the parameter `name`."""
+    target = mapper.resolve(name)
+    if target is None:
+        raise CheckpointMismatchError(
+            f"checkpoint tensor {ckpt_name!r} does not match any parameter of {type(model).__name__}"
+        )
+    pname, shard, dest = target
+    part = tp.slices.get((pname, shard)) if tp is not None else None
+    if part is not None:
+        dim, start, length = part
+        if start + length > source.shape[dim]:
+            raise CheckpointMismatchError(
+                f"checkpoint tensor {ckpt_name!r} has shape {tuple(source.shape)}: too small "
+                f"for this rank's slice {start}:{start + length} of dim {dim}"
+            )
+        tensor = source.narrow(dim, start, length)
+    else:
+        tensor = source.materialize() if isinstance(source, LazyTensor) else source
+    if dest.shape != tensor.shape:
+        raise CheckpointMismatchError(
+            f"checkpoint tensor {ckpt_name!r} has shape {tuple(tensor.shape)}, but {pname} ({shard}) expects {tuple(dest.shape)}"
+        )
+    with torch.no_grad():
+        dest.copy_(tensor)
+    loaded[pname].add(shard)
+
+
 class LazyTensor:
     """A checkpoint tensor not read yet: a safetensors slice that reads only the part asked
     for (`narrow`), or all of it (`materialize`). Valid while its file is open."""
 
-    def __init__(self, handle: Any, name: str, counter: list[int] | None = None) -> None:
+    def __init__(
+        self, handle: Any, name: str, counter: list[int] | None = None, path: str | None = None
+    ) -> None:
         self._slice = handle.get_slice(name)
         self._handle, self._name, self._counter = handle, name, counter
+        self.path = path  # the file, for reading the tensor again later (EPLB)
         self.shape = torch.Size(self._slice.get_shape())
 
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:

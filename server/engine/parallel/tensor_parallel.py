@@ -89,6 +89,21 @@ class TPGroup:
 SINGLE = TPGroup()
 
 
+class ExpertSlots:
+    """The physical expert slots one rank holds in one MoE layer (see eplb.py for the
+    layout): slots first .. first + count - 1, holding logical experts `phy2log`; each
+    expert's intermediate columns `columns` (start, length). `sources` remembers where each
+    expert's tensors are in the checkpoint, so a rebalance can read an expert it did not
+    hold: (logical expert, projection) -> (file, tensor name)."""
+
+    def __init__(self, index: int, first: int, count: int, phy2log: list[int]) -> None:
+        self.index = index  # this layer's position among the model's MoE layers
+        self.first, self.count = first, count
+        self.phy2log = phy2log
+        self.columns: tuple[int, int] = (0, 0)
+        self.sources: dict[tuple[int, str], tuple[str, str]] = {}
+
+
 @dataclass
 class TPSlices:
     """Per (parameter name, shard label): the (dim, start, length) of the checkpoint tensor
@@ -97,29 +112,40 @@ class TPSlices:
 
     slices: dict[tuple[str, str], tuple[int, int, int]] = field(default_factory=dict)
     skip: set[str] = field(default_factory=set)
-    # Expert parallel: experts module name -> (first expert held here, how many); the
-    # checkpoint's expert e is this rank's e - first, the others belong to other ranks.
-    experts: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Expert parallel: experts module name -> the physical slots this rank holds.
+    experts: dict[str, ExpertSlots] = field(default_factory=dict)
 
-    def local_name(self, name: str) -> str | None:
-        """A checkpoint parameter name renumbered to this rank's experts; None when the
-        expert lives on another rank."""
+    def local_names(self, name: str) -> list[str]:
+        """Where a checkpoint parameter goes on this rank: the name itself, or for one
+        expert's tensor every local slot holding that expert (none: other ranks hold it)."""
         head, sep, tail = name.partition(".experts.")
-        if not sep or f"{head}.experts" not in self.experts:
-            return name
+        slots = self.experts.get(f"{head}.experts") if sep else None
         index, _, rest = tail.partition(".")
-        if not index.isdigit():
-            return name  # fused per-layer tensors: not split by expert here
-        first, count = self.experts[f"{head}.experts"]
-        local = int(index) - first
-        return f"{head}.experts.{local}.{rest}" if 0 <= local < count else None
+        if slots is None or not index.isdigit():
+            return [name]  # not expert-parallel, or fused per-layer tensors
+        return [
+            f"{head}.experts.{j}.{rest}"
+            for j, expert in enumerate(slots.phy2log)
+            if expert == int(index)
+        ]
+
+    def note_source(self, name: str, ckpt_name: str, source: Any) -> None:
+        """Remember where an expert's tensor is in the checkpoint (a lazily read one)."""
+        head, sep, tail = name.partition(".experts.")
+        slots = self.experts.get(f"{head}.experts") if sep else None
+        index, _, rest = tail.partition(".")
+        path = getattr(source, "path", None)
+        if slots is not None and index.isdigit() and path is not None:
+            slots.sources[(int(index), rest.split(".")[0])] = (path, ckpt_name)
 
     def add(self, pname: str, shard: str, dim: int, start: int, length: int) -> None:
         self.slices[(pname, shard)] = (dim, start, length)
 
 
-def shard_model(model: nn.Module, tp: TPGroup) -> TPSlices:
-    """Rewrite `model` (a DecoderForCausalLM on the meta device) into this rank's shard."""
+def shard_model(model: nn.Module, tp: TPGroup, num_redundant_experts: int = 0) -> TPSlices:
+    """Rewrite `model` (a DecoderForCausalLM on the meta device) into this rank's shard.
+    Under expert parallelism each MoE layer has num_experts + `num_redundant_experts`
+    physical slots, first laid out trivially (slot i holds expert i % num_experts)."""
     from bisllm_server.engine.layers.mlp import SwiGLUMLP
     from bisllm_server.engine.layers.moe import FusedExperts
     from bisllm_server.engine.models.decoder import Attention, DecoderLayer
@@ -137,7 +163,7 @@ def shard_model(model: nn.Module, tp: TPGroup) -> TPSlices:
         elif isinstance(module, SwiGLUMLP):
             _shard_mlp(module, prefix, tp, out)
         elif isinstance(module, FusedExperts):
-            _shard_experts(module, prefix, tp, out)
+            _shard_experts(module, prefix, tp, out, num_redundant_experts)
         elif isinstance(module, DecoderLayer):
             module.tp = tp  # all-reduces its attention and MLP outputs
     head = getattr(model, "lm_head", None)
@@ -218,31 +244,44 @@ def _shard_mlp(mlp: Any, prefix: str, tp: TPGroup, out: TPSlices) -> None:
     mlp.down_proj = _row_parallel(mlp.down_proj, start, length, f"{prefix}down_proj", tp, out)
 
 
-def _shard_experts(experts: Any, prefix: str, tp: TPGroup, out: TPSlices) -> None:
-    """Experts split over the EP groups (this rank holds experts first .. first + count - 1,
-    numbered 0.. locally), each expert's intermediate columns over the ranks of an EP group."""
+def _shard_experts(
+    experts: Any, prefix: str, tp: TPGroup, out: TPSlices, num_redundant: int
+) -> None:
+    """Expert slots split over the EP groups, each expert's intermediate columns over the
+    ranks of an EP group."""
+    from bisllm_server.engine.parallel.eplb import ExpertPlacement
+
     num_experts, rows, hidden = experts.w13.shape
     if tp.size % tp.ep_size:
         raise TensorParallelError(
             f"expert_parallel_size {tp.ep_size} does not divide tensor_parallel_size {tp.size}"
         )
-    ep = TPGroup(tp.ep_rank, tp.ep_size)
-    first, count = ep.split(num_experts, "num_experts")
-    moe_tp = TPGroup(tp.moe_tp_rank, tp.moe_tp_size)
-    start, length = moe_tp.split(rows // 2, "moe_intermediate_size")
     if experts.b13 is not None:
         raise TensorParallelError(
             "tensor parallelism does not split experts with biases yet (GPT-OSS); use "
             "tensor_parallel_size 1 for this model"
         )
+    moe_tp = TPGroup(tp.moe_tp_rank, tp.moe_tp_size)
+    start, length = moe_tp.split(rows // 2, "moe_intermediate_size")
+    count = num_experts
+    if tp.ep_size > 1:
+        ep = TPGroup(tp.ep_rank, tp.ep_size)
+        first, count = ep.split(num_experts + num_redundant, "num_experts + redundant slots")
+        with torch.device("cpu"):  # tables, not parameters: real even on a meta model
+            placement = ExpertPlacement.trivial(1, num_experts, tp.ep_size, num_redundant)
+        index = len(out.experts)
+        slots = ExpertSlots(
+            index, first, count, placement.phy2log[0, first : first + count].tolist()
+        )
+        slots.columns = (start, length)
+        out.experts[prefix.removesuffix(".")] = slots
+        experts.set_placement(index, placement.log2phy[0], placement.logcnt[0], first, count)
     experts.w13 = nn.Parameter(torch.empty(count, 2 * length, hidden))
     experts.w2 = nn.Parameter(torch.empty(count, hidden, length))
-    if tp.ep_size > 1:
-        experts.local_experts = (first, count)
-        out.experts[prefix.removesuffix(".")] = (first, count)
-    for e in range(count):
-        # A per-expert checkpoint tensor: gate/up [I, H] (rows split), down [H, I] (columns).
-        if moe_tp.size > 1:
+    if moe_tp.size > 1:
+        for e in range(count):
+            # A per-expert checkpoint tensor: gate/up [I, H] (rows split), down [H, I]
+            # (columns).
             out.add(f"{prefix}w13", f"{e}.gate_proj", 0, start, length)
             out.add(f"{prefix}w13", f"{e}.up_proj", 0, start, length)
             out.add(f"{prefix}w2", f"{e}.down_proj", 1, start, length)
