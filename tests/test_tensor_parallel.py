@@ -168,3 +168,67 @@ def test_live_expert_rebalancing_mid_generation_leaves_the_tokens_unchanged(chec
     assert len(placements) == 1  # the same placement, computed apart on each rank
     trivial = [i % 8 for i in range(10)]
     assert any(layer != trivial for layer in eval(placements.pop()))
+
+
+# Uneven on purpose: rank 0 serves three requests, rank 1 one short request, which finishes
+# first; rank 1 then keeps joining the MLP collectives with no tokens while rank 0 goes on.
+DP_SHARES = {0: [0, 1, 2], 1: [3]}
+SHORT = 4  # rank 1's request's max_tokens
+
+
+def _dp_rank(rank: int, path: str, port: int, results: Any, ep_size: int) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    try:
+        tp = TPGroup(rank, WORLD, ep_size=ep_size, dp_attention=True)
+        llm = LLMEngine(config(path), tp=tp)
+        mine = DP_SHARES[rank]
+        cap = {} if rank == 0 else {"max_tokens": SHORT, "min_tokens": SHORT}
+        rids = [llm.add_request(PROMPTS[i], params(MODES[i], **cap)) for i in mine]
+        tokens: dict[str, list[int]] = {rid: [] for rid in rids}
+        steps = idle = 0
+        while True:
+            # Every rank steps while any rank has work (the collectives need them all).
+            busy = torch.tensor([int(llm.has_unfinished_requests())])
+            dist.all_reduce(busy)
+            if not busy.item():
+                break
+            idle += not llm.has_unfinished_requests()
+            steps += 1
+            for out in llm.step():
+                tokens[out.request_id].extend(out.new_token_ids)
+        assert_no_leaked_pages(llm)
+        results.put((rank, [tokens[rid] for rid in rids], steps, idle))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(
+    ("variant", "ep_size"),
+    [("qwen3_moe", 1), ("deepseek_v3", 1), ("deepseek_v3", WORLD)],
+    ids=["qwen3_moe", "deepseek_v3", "deepseek_v3-ep2"],
+)
+def test_dp_attention_ranks_serve_their_own_requests_with_the_single_process_tokens(
+    variant, ep_size, checkpoint
+):
+    """DP attention over 2 ranks: each runs attention (GQA, or MLA with its latent cache)
+    whole on its own requests and KV; their tokens meet for the split MLP / MoE (with expert
+    parallelism too). Each request gets the single-process engine's tokens, including while
+    the other rank is idle."""
+    path = str(checkpoint(variant))
+    loaded = load_model(path, dtype="float32")
+    expected = generate(LLMEngine(config(path), model=loaded.model, model_config=loaded.config))
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    (port,) = free_ports(1)
+    mp.start_processes(
+        _dp_rank, args=(path, port, results, ep_size), nprocs=WORLD, join=True, start_method="spawn"
+    )
+    ranks = dict((r[0], r[1:]) for r in (results.get(timeout=60) for _ in range(WORLD)))
+    assert ranks[0][0] == [expected[i] for i in DP_SHARES[0]]
+    assert ranks[1][0] == [expected[3][:SHORT]]
+    assert ranks[0][1] == ranks[1][1]  # they stepped together
+    assert ranks[1][2] > 0 and ranks[0][2] == 0  # rank 1 idled while rank 0 went on

@@ -91,6 +91,7 @@ class LLMEngine:
         on every rank, so all of them schedule and sample alike."""
         config.validate()
         self.config = config
+        self.tp = tp
         if model is None:
             loaded = load_model(
                 config.model,
@@ -469,6 +470,11 @@ class LLMEngine:
                 outputs.extend(self._verify(req, draft_logits))
             if self.drafter is not None and capture is not None:
                 self.drafter.extend(fb, items, capture)
+        elif self.tp.dp_attention:
+            # Another rank of the DP-attention group has a batch: join its collectives.
+            self.runner.model.idle_forward()  # type: ignore[attr-defined]
+            if self.balancer is not None:
+                self.balancer.after_forward()
         self._step += 1
         self.stats = self._snapshot(
             batch, decode_tokens, time.perf_counter() - start, schedule_seconds, forward_seconds

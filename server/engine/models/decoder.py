@@ -154,8 +154,16 @@ class DecoderLayer(nn.Module):
         attn: AttentionBackend,
     ) -> torch.Tensor:
         h = self.self_attn(self.input_layernorm(x), positions, cos, sin, attn)
-        x = x + self.tp.all_reduce(h)
-        return x + self.tp.all_reduce(self.mlp(self.post_attention_layernorm(x)))
+        x = x + (h if self.tp.dp_attention else self.tp.all_reduce(h))
+        return x + self.feed_forward(self.post_attention_layernorm(x))
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP / MoE block over this rank's tokens; under DP attention it runs over every
+        rank's tokens (gathered), and this rank keeps its rows of the reduced result."""
+        if not self.tp.dp_attention:
+            return self.tp.all_reduce(self.mlp(x))
+        rows, start, count = self.tp.gather_tokens(x)
+        return self.tp.all_reduce(self.mlp(rows))[start : start + count]
 
 
 class MtpLayer(nn.Module):
@@ -269,9 +277,18 @@ class DecoderForCausalLM(nn.Module):
             capture.aux = torch.cat(aux, dim=-1) if aux else None
             hidden = capture.final[batch.logits_indices]
         logits = F.linear(hidden, self.head_weight)
-        if self.lm_head is not None:
+        if self.lm_head is not None and not self.tp.dp_attention:  # a vocab-parallel head
             logits = self.tp.all_gather(logits, dim=-1)
         return logits.float()
+
+    @torch.no_grad()
+    def idle_forward(self) -> None:
+        """DP attention, a rank without a batch this step: take part in every layer's token
+        gather and reduce with no tokens of its own, as the busy ranks expect."""
+        x = torch.empty(0, self.config.hidden_size, dtype=self.head_weight.dtype)
+        x = x.to(self.head_weight.device)
+        for layer in self.model.layers:
+            x = x + layer.feed_forward(x)
 
     @property
     def head_weight(self) -> torch.Tensor:

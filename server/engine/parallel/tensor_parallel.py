@@ -9,6 +9,11 @@ Each rank of a TP group holds a slice of every large matrix:
   decoder layer all-reduces once after attention and once after its MLP / MoE block. Biases
   of row-parallel layers live on rank 0 only, so they are added once.
 - **Replicated**: embeddings, norms, routers.
+- **DP attention** (`dp_attention`): attention is not split; every rank serves its own
+  requests with its own scheduler and KV cache. Before each MLP / MoE block the ranks' tokens
+  are gathered (padded to the longest), the split block runs on all of them, the partial sums
+  are all-reduced and each rank keeps its own rows. A rank with nothing to do still joins
+  those collectives with zero tokens (`idle_forward`), so no rank waits forever.
 - **Expert parallel** (`ep_size` > 1): the experts themselves are split over `ep_size` groups
   of ranks. Activations are the same on every rank of the group, so each rank runs its own
   experts on the tokens routed to them, and the layer's all-reduce combines the partial sums:
@@ -51,6 +56,9 @@ class TPGroup:
     # Expert parallel inside the group: ep_size groups of experts, each split over
     # size / ep_size ranks by intermediate columns (1: every rank has a slice of every expert).
     ep_size: int = 1
+    # DP attention: every rank runs attention whole, on its own requests and KV cache; the
+    # tokens of all ranks are gathered for the (split) MLP / MoE layers and scattered back.
+    dp_attention: bool = False
 
     @property
     def moe_tp_size(self) -> int:
@@ -77,6 +85,20 @@ class TPGroup:
         if self.size > 1:
             dist.all_reduce(x, group=self.group)
         return x
+
+    def gather_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """Every rank's rows of `x` ([T_rank, H], T differing by rank, 0 for an idle rank),
+        in rank order, and where this rank's rows start in them and how many there are."""
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
+        dist.all_gather(counts, torch.tensor([x.shape[0]]), group=self.group)
+        sizes = [int(c) for c in counts]
+        longest = max(sizes)
+        padded = x.new_zeros(longest, *x.shape[1:])
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded, group=self.group)
+        rows = torch.cat([part[:n] for part, n in zip(parts, sizes, strict=True)])
+        return rows, sum(sizes[: self.rank]), x.shape[0]
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
         if self.size == 1:
@@ -157,9 +179,11 @@ def shard_model(model: nn.Module, tp: TPGroup, num_redundant_experts: int = 0) -
     for name, module in list(model.named_modules()):
         prefix = f"{name}." if name else ""
         if isinstance(module, MlaAttention):
-            _shard_mla(module, prefix, tp, out)
+            if not tp.dp_attention:  # under DP attention each rank runs attention whole
+                _shard_mla(module, prefix, tp, out)
         elif isinstance(module, Attention):
-            _shard_attention(module, prefix, tp, out)
+            if not tp.dp_attention:
+                _shard_attention(module, prefix, tp, out)
         elif isinstance(module, SwiGLUMLP):
             _shard_mlp(module, prefix, tp, out)
         elif isinstance(module, FusedExperts):
@@ -167,7 +191,9 @@ def shard_model(model: nn.Module, tp: TPGroup, num_redundant_experts: int = 0) -
         elif isinstance(module, DecoderLayer):
             module.tp = tp  # all-reduces its attention and MLP outputs
     head = getattr(model, "lm_head", None)
-    if head is not None:  # a tied head is the (replicated) embedding: nothing to gather
+    # A tied head is the (replicated) embedding: nothing to gather. Under DP attention each
+    # rank's logits are for its own tokens, so the head stays whole.
+    if head is not None and not tp.dp_attention:
         start, length = tp.split(head.out_features, "vocab_size")
         model.lm_head = nn.Linear(head.in_features, length, bias=False)
         out.add("lm_head.weight", "all", 0, start, length)
