@@ -7,7 +7,11 @@ rank reads only its slices of the checkpoint."""
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,7 +24,11 @@ from test_spec_decode import PROMPTS
 from bisllm_server.engine.config import EngineConfig
 from bisllm_server.engine.engine import LLMEngine
 from bisllm_server.engine.loader import load_model
-from bisllm_server.engine.parallel.tensor_parallel import TensorParallelError, TPGroup
+from bisllm_server.engine.parallel.tensor_parallel import (
+    TensorParallelError,
+    TPGroup,
+    engine_group,
+)
 from bisllm_server.router.fleet import free_ports
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -232,3 +240,60 @@ def test_dp_attention_ranks_serve_their_own_requests_with_the_single_process_tok
     assert ranks[1][0] == [expected[3][:SHORT]]
     assert ranks[0][1] == ranks[1][1]  # they stepped together
     assert ranks[1][2] > 0 and ranks[0][2] == 0  # rank 1 idled while rank 0 went on
+
+
+def node_engine_tokens(state: Any, path: str) -> list[list[int]]:
+    """One rank of a multi-node launch: the engine over this rank's shard, the test prompts."""
+    return generate(LLMEngine(config(path), tp=engine_group(state)))
+
+
+# What each node (pod) runs: its ranks joining the rendezvous at the first node's address.
+NODE_SCRIPT = """
+import json, sys
+from bisllm_server.engine.parallel.launch import node_main
+from bisllm_server.engine.parallel.state import ParallelConfig
+from test_tensor_parallel import node_engine_tokens
+
+node_rank, port, path, ep = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+config = ParallelConfig(tp_size=2, ep_size=ep, node_count=2)
+results = node_main(
+    node_engine_tokens, config, node_rank=node_rank, master_addr="127.0.0.1",
+    master_port=port, args=(path,), timeout_s=240.0, dist_timeout_s=120.0,
+)
+print("RESULTS " + json.dumps(results), flush=True)
+"""
+
+
+@pytest.mark.parametrize("ep_size", [1, WORLD], ids=["tp2", "tp2-ep2"])
+def test_a_two_node_launch_over_loopback_serves_the_single_process_tokens(ep_size, checkpoint):
+    """Two "nodes" (separate OS processes, one rank each, the rendezvous on the first's
+    address over loopback) run a TP=2 engine of DeepSeek-V3 (with EP=2 too)."""
+    path = str(checkpoint("deepseek_v3"))
+    loaded = load_model(path, dtype="float32")
+    expected = generate(LLMEngine(config(path), model=loaded.model, model_config=loaded.config))
+    (port,) = free_ports(1)
+    env = dict(os.environ)
+    tests_dir = str(Path(__file__).resolve().parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (tests_dir, env.get("PYTHONPATH")) if p)
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-c", NODE_SCRIPT, str(n), str(port), path, str(ep_size)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for n in (0, 1)
+    ]
+    try:
+        for node in nodes:
+            out, err = node.communicate(timeout=300)
+            assert node.returncode == 0, err[-3000:]
+            line = next(x for x in out.splitlines() if x.startswith("RESULTS "))
+            (tokens,) = json.loads(line.removeprefix("RESULTS "))  # its one rank's
+            assert tokens == expected
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+                node.wait(timeout=10)

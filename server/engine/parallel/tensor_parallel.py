@@ -111,6 +111,27 @@ class TPGroup:
 SINGLE = TPGroup()
 
 
+def engine_group(state: Any) -> TPGroup:
+    """The engine's group for a rank of a `state.ParallelState` (the launcher's): its TP group,
+    with the config's expert parallelism, and DP attention when attention runs one rank per
+    DP group (attention split inside DP groups, 1 < dp < tp, is not built yet)."""
+    config = state.config
+    dp = config.attention_dp_size
+    if 1 < dp < config.tp_size:
+        raise TensorParallelError(
+            f"attention_dp_size {dp} with tensor_parallel_size {config.tp_size}: DP attention "
+            "runs either one rank per DP group (attention_dp_size = tensor_parallel_size) or "
+            "not at all"
+        )
+    return TPGroup(
+        state.layout.tp_rank,
+        config.tp_size,
+        state.tp_group,
+        ep_size=config.ep_size,
+        dp_attention=dp > 1,
+    )
+
+
 class ExpertSlots:
     """The physical expert slots one rank holds in one MoE layer (see eplb.py for the
     layout): slots first .. first + count - 1, holding logical experts `phy2log`; each
