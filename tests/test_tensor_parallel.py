@@ -21,8 +21,8 @@ import torch.multiprocessing as mp
 from test_engine_correctness import IGNORE_EOS, MIN_TOKENS, assert_no_leaked_pages, params
 from test_spec_decode import PROMPTS
 
-from bisllm_server.engine.config import EngineConfig
-from bisllm_server.engine.engine import LLMEngine
+from bisllm_server.engine.config import EngineConfig, EngineConfigError
+from bisllm_server.engine.engine import LLMEngine, RequestError
 from bisllm_server.engine.loader import load_model
 from bisllm_server.engine.parallel.tensor_parallel import (
     TensorParallelError,
@@ -100,6 +100,19 @@ def test_two_ranks_generate_the_single_process_tokens(variant, checkpoint):
         # GQA splits its KV heads (or shares one); MLA keeps its one latent "head" whole.
         kv = loaded.config.num_kv_heads
         assert kv_heads == (kv if loaded.config.kv_shared else max(1, kv // WORLD))
+
+
+def test_what_tensor_parallelism_does_not_combine_with_yet_is_refused(checkpoint):
+    path = str(checkpoint("qwen3_moe"))
+    settings = config(path)
+    settings.speculative_method = "mtp"
+    with pytest.raises(EngineConfigError, match="with tensor parallelism is not supported"):
+        LLMEngine(settings, tp=TPGroup(0, 2))
+    # A rank's shard builds without its peers (no collective runs before the first step).
+    shard = LLMEngine(config(path), tp=TPGroup(0, 2))
+    with pytest.raises(RequestError, match="with tensor parallelism is not supported"):
+        shard.add_request(PROMPTS[0], params(IGNORE_EOS), export_kv_from=0)
+    assert shard.reserve_kv("r", PROMPTS[0]) is None  # disaggregated requests prefill here
 
 
 def test_models_that_do_not_split_say_why(checkpoint):

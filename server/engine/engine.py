@@ -90,6 +90,11 @@ class LLMEngine:
         shard of the model, fed the same requests in the same order; the logits are gathered
         on every rank, so all of them schedule and sample alike."""
         config.validate()
+        if tp.size > 1 and config.speculative_method in ("eagle", "mtp"):
+            raise EngineConfigError(
+                f"speculative_method {config.speculative_method!r} with tensor parallelism is "
+                "not supported yet (the draft model is not split); use 'ngram' or one rank"
+            )
         self.config = config
         self.tp = tp
         if model is None:
@@ -288,6 +293,10 @@ class LLMEngine:
         K/V of the prompt's pages k.. as `RequestOutput.kv` (the prefill side); `kv` starts
         the request from the K/V of a prefix of `prompt` computed elsewhere (the decode side),
         into the pages `reserve_kv` set aside under the same request_id, if any."""
+        if (export_kv_from is not None or kv is not None) and self.tp.size > 1:
+            raise RequestError(
+                "kv: handing K/V between engines with tensor parallelism is not supported yet"
+            )
         req = self.make_request(prompt, params, request_id=request_id, detokenize=detokenize)
         req.export_kv_from = export_kv_from
         self.submit(req, kv=kv)
@@ -322,6 +331,8 @@ class LLMEngine:
         there is no room. The reservation is used by `add_request(..., kv=...,
         request_id=request_id)` and given back by `abort(request_id)`. Call it between steps
         (from the stepping thread, e.g. through `call_between_steps`)."""
+        if self.tp.size > 1:
+            return None  # no K/V handoff under tensor parallelism yet: prefill locally
         if request_id in self._reservations or request_id in self._requests:
             raise RequestError(f"request_id {request_id!r} is already in use")
         # The prefix is the prompt less its last token, as the prefill side computes it; the
