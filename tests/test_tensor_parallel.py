@@ -7,10 +7,12 @@ rank reads only its slices of the checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,20 +54,27 @@ def generate(llm: LLMEngine) -> list[list[int]]:
     return [tokens[rid] for rid in rids]
 
 
-def _rank(rank: int, path: str, port: int, results: Any, ep_size: int = 1) -> None:
+@contextlib.contextmanager
+def joined(rank: int, port: int) -> Iterator[None]:
+    """This process as `rank` of a gloo world of WORLD (one thread each, as on 2 cores)."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
     )
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _rank(rank: int, path: str, port: int, results: Any, ep_size: int = 1) -> None:
+    with joined(rank, port):
         tp = TPGroup(rank, WORLD, ep_size=ep_size)
         loaded = load_model(path, dtype="float32", tp=tp)
         llm = LLMEngine(config(path), model=loaded.model, model_config=loaded.config, tp=tp)
         tokens = generate(llm)
         results.put((rank, tokens, loaded.bytes_read, loaded.config.num_kv_heads))
-    finally:
-        dist.destroy_process_group()
 
 
 def run_tensor_parallel(path: str, ep_size: int = 1) -> dict[int, tuple[list[list[int]], int, int]]:
@@ -139,12 +148,7 @@ def test_expert_parallel_ranks_generate_the_single_process_tokens(variant, check
 
 
 def _eplb_rank(rank: int, path: str, port: int, results: Any) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
-    try:
+    with joined(rank, port):
         settings = config(path)
         settings.ep_num_redundant_experts = 2  # 8 experts in 10 slots, 5 per rank
         settings.eplb_rebalance_interval = 3  # several rebalances inside one generation
@@ -162,8 +166,6 @@ def _eplb_rank(rank: int, path: str, port: int, results: Any) -> None:
                 llm.stats.expert_imbalance,
             )
         )
-    finally:
-        dist.destroy_process_group()
 
 
 def test_live_expert_rebalancing_mid_generation_leaves_the_tokens_unchanged(checkpoint):
@@ -198,12 +200,7 @@ SHORT = 4  # rank 1's request's max_tokens
 
 
 def _dp_rank(rank: int, path: str, port: int, results: Any, ep_size: int) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
-    )
-    try:
+    with joined(rank, port):
         tp = TPGroup(rank, WORLD, ep_size=ep_size, dp_attention=True)
         llm = LLMEngine(config(path), tp=tp)
         mine = DP_SHARES[rank]
@@ -223,8 +220,6 @@ def _dp_rank(rank: int, path: str, port: int, results: Any, ep_size: int) -> Non
                 tokens[out.request_id].extend(out.new_token_ids)
         assert_no_leaked_pages(llm)
         results.put((rank, [tokens[rid] for rid in rids], steps, idle))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize(

@@ -210,7 +210,6 @@ class Router:
             )
         assert self.block_size is not None
         overlaps = self.index.overlaps(request.block_ids, names)
-        best = max(overlaps.values(), default=0)
         pinned = self._session_worker(request.session)
         costs: dict[str, float] = {}
         if self.config.policy == "round_robin":
@@ -231,6 +230,18 @@ class Router:
             )
             worker = softmax_pick(costs, self.config.router_temperature, self.rng)
             reason = "session" if worker == pinned else ("kv" if len(names) > 1 else "only")
+        return self._decision(request, worker, reason, overlaps, costs, time.perf_counter() - start)
+
+    def _decision(
+        self,
+        request: RouteRequest,
+        worker: str,
+        reason: str,
+        overlaps: dict[str, int],
+        costs: dict[str, float],
+        seconds: float,
+    ) -> Decision:
+        assert self.block_size is not None
         return Decision(
             request_id=request.request_id,
             worker=worker,
@@ -238,9 +249,9 @@ class Router:
             prompt_tokens=request.prompt_tokens,
             block_size=self.block_size,
             overlap_blocks=overlaps.get(worker, 0),
-            best_overlap_blocks=best,
+            best_overlap_blocks=max(overlaps.values(), default=0),
             costs=costs,
-            decision_seconds=time.perf_counter() - start,
+            decision_seconds=seconds,
         )
 
     def choose_pair(self, request: RouteRequest) -> PairDecision:
@@ -285,17 +296,7 @@ class Router:
             loads = {n: self.workers[n].load for n in names}
             worker, reason = least_loaded(loads, self.rng), "decode"
         overlaps = self.index.overlaps(request.block_ids, names)
-        return Decision(
-            request_id=request.request_id,
-            worker=worker,
-            reason=reason,
-            prompt_tokens=request.prompt_tokens,
-            block_size=self.block_size,
-            overlap_blocks=overlaps.get(worker, 0),
-            best_overlap_blocks=max(overlaps.values(), default=0),
-            costs={},
-            decision_seconds=0.0,  # set by choose_pair, over the whole pair
-        )
+        return self._decision(request, worker, reason, overlaps, {}, 0.0)  # timed by choose_pair
 
     def _choose_prefill(
         self, request: RouteRequest, names: list[str]
@@ -313,17 +314,8 @@ class Router:
             block_size=self.block_size,
         )
         worker = softmax_pick(costs, self.config.router_temperature, self.rng)
-        decision = Decision(
-            request_id=request.request_id,
-            worker=worker,
-            reason="kv" if len(names) > 1 else "only",
-            prompt_tokens=request.prompt_tokens,
-            block_size=self.block_size,
-            overlap_blocks=overlaps.get(worker, 0),
-            best_overlap_blocks=max(overlaps.values(), default=0),
-            costs=costs,
-            decision_seconds=0.0,
-        )
+        reason = "kv" if len(names) > 1 else "only"
+        decision = self._decision(request, worker, reason, overlaps, costs, 0.0)
         others = sorted((n for n in names if n != worker), key=costs.__getitem__)
         return decision, [worker, *others[:1]]
 

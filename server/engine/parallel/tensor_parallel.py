@@ -41,6 +41,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bisllm_server.engine.parallel.state import all_gather, all_reduce
+
 
 class TensorParallelError(ValueError):
     """The model cannot be split over this many ranks (a size does not divide)."""
@@ -82,9 +84,7 @@ class TPGroup:
         return self.rank * length, length
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        if self.size > 1:
-            dist.all_reduce(x, group=self.group)
-        return x
+        return all_reduce(x, self.group, self.size)
 
     def gather_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """Every rank's rows of `x` ([T_rank, H], T differing by rank, 0 for an idle rank),
@@ -101,11 +101,7 @@ class TPGroup:
         return rows, sum(sizes[: self.rank]), x.shape[0]
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
-        if self.size == 1:
-            return x
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=dim)
+        return all_gather(x, self.group, self.size, dim)
 
 
 SINGLE = TPGroup()
