@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from fastapi.responses import Response, StreamingResponse
 from prometheus_client.parser import text_string_to_metric_families
 from router_fakes import BODY, STREAM, FakeWorker
 from server_fixtures import serve_app
+from test_router_proxy import wait_until
 
 from bisllm_server.kv_events import BlockStored, hash_token_blocks
 from bisllm_server.openai.kv_event_stream import kv_event_lines
@@ -324,17 +324,6 @@ def role_workers(*roles: str | None) -> Iterator[list[RoleWorker]]:
 
 def address(worker: FakeWorker) -> str:
     return worker.url.removeprefix("http://")
-
-
-def wait_until(check: Any, what: str, timeout: float = 20.0) -> Any:
-    """Poll `check` until truthy: waiting for the router's links, not a fixed delay."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @contextmanager

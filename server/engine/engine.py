@@ -873,5 +873,5 @@ class LLMEngine:
             step_seconds=seconds,
             schedule_seconds=schedule_seconds,
             forward_seconds=forward_seconds,
-            expert_imbalance=self.balancer.imbalance() if self.balancer is not None else 1.0,
+            expert_imbalance=self.balancer.imbalance if self.balancer is not None else 1.0,
         )

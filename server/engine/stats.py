@@ -38,7 +38,7 @@ class EngineStats:
     schedule_seconds: float  # of which: scheduling and batch preparation
     forward_seconds: float  # of which: the model forward (the rest is sampling and bookkeeping)
     # Expert parallel: the busiest rank's routed tokens over the mean rank's, worst MoE layer,
-    # over the load balancer's window (1.0: even, or no expert parallelism).
+    # over the load balancer's last window (1.0: even, or no expert parallelism).
     expert_imbalance: float = 1.0
 
     @property

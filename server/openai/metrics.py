@@ -152,7 +152,7 @@ class ServerMetrics:
         self._expert_imbalance = Gauge(
             "bisllm_expert_load_imbalance",
             "Expert parallel: routed tokens on the busiest rank / the mean rank, worst MoE "
-            "layer, over the load balancer's window (1: even, or no expert parallelism).",
+            "layer, over the load balancer's last window (1: even, or no expert parallelism).",
             m,
             registry=r,
         ).labels(model_name)

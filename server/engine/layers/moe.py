@@ -303,8 +303,10 @@ class FusedExperts(nn.Module):
         other ranks' shares."""
         assert self.log2phy is not None and self.logcnt is not None
         first, count = self.local_slots  # type: ignore[misc]
-        log2phy = self.log2phy.to(topk_ids.device)
-        logcnt = self.logcnt.to(topk_ids.device)
+        if self.log2phy.device != topk_ids.device:  # once per placement, not per step
+            self.log2phy = self.log2phy.to(topk_ids.device)
+            self.logcnt = self.logcnt.to(topk_ids.device)
+        log2phy, logcnt = self.log2phy, self.logcnt
         tokens = torch.arange(topk_ids.shape[0], device=topk_ids.device)[:, None]
         physical = log2phy[topk_ids, tokens % logcnt[topk_ids]]
         local = (physical >= first) & (physical < first + count)

@@ -54,6 +54,9 @@ class ExpertBalancer:
             len(self.layers), self.num_logical, tp.ep_size, self.num_physical - self.num_logical
         )
         self.passes = 0
+        # The busiest rank's routed tokens / the mean rank's, worst layer, under the placement
+        # that served the last window (1.0: even; also before the first window closes).
+        self.imbalance = 1.0
         self.rebalances = 0
         self.experts_moved = 0  # slots on this rank that received another expert
 
@@ -64,19 +67,13 @@ class ExpertBalancer:
         if self.passes % self.interval == 0:
             self.rebalance()
 
-    def imbalance(self) -> float:
-        """Max over layers of (busiest rank's tokens / mean rank's) under the current
-        placement, over the recorded window (1.0: perfectly even)."""
-        load = self.recorder.load()
-        if not load.any():
-            return 1.0
-        return float(self.placement.imbalance(load).max())
-
     def rebalance(self) -> None:
         load = self.recorder.load()
         if not load.any():
             return
-        before = self.imbalance()
+        # Measured here, once per window, not every step: summing the window's counts costs
+        # layers x experts x interval, too much for the engine step.
+        self.imbalance = float(self.placement.imbalance(load).max())
         new = rebalance(
             load,
             num_physical=self.num_physical,
@@ -98,7 +95,7 @@ class ExpertBalancer:
         log.info(
             "EPLB rebalance %d: expert load imbalance %.3f -> %.3f",
             self.rebalances,
-            before,
+            self.imbalance,
             float(new.imbalance(load).max()),
         )
 
