@@ -134,6 +134,39 @@ DEFAULT_CONFIG = (
     show_default=True,
     help="Node cache for hydration; on the mounts' filesystem so files are hardlinked.",
 )
+@click.option(
+    "--no-router",
+    is_flag=True,
+    help="DP attention: serve each attention rank on PORT + its local rank, with no router in "
+    "front (a router elsewhere lists every rank; `bisllm package` emits that form).",
+)
+@click.option(
+    "--nnodes",
+    type=click.IntRange(min=1),
+    envvar="NNODES",
+    help="Nodes one engine replica spans (the config's, checked). Env: NNODES.",
+)
+@click.option(
+    "--node-rank",
+    type=click.IntRange(min=0),
+    envvar="NODE_RANK",
+    default=0,
+    show_default=True,
+    help="This node's place among them; node 0 hosts the rendezvous. Env: NODE_RANK.",
+)
+@click.option(
+    "--master-addr",
+    envvar="MASTER_ADDR",
+    help="Node 0's address for the ranks' rendezvous (needed with several nodes). "
+    "Env: MASTER_ADDR.",
+)
+@click.option(
+    "--master-port",
+    type=click.IntRange(1, 65535),
+    envvar="MASTER_PORT",
+    help="The rendezvous port (default: 29500 with several nodes, a free one on one node). "
+    "Env: MASTER_PORT.",
+)
 @click.option("--log-level", default="info", show_default=True)
 def serve(
     config: Path | None,
@@ -156,6 +189,11 @@ def serve(
     strict_model_name: bool,
     manifests: Path | None,
     cache: Path,
+    no_router: bool,
+    nnodes: int | None,
+    node_rank: int,
+    master_addr: str | None,
+    master_port: int | None,
     log_level: str,
 ) -> None:
     """Serve CONFIG's model (default: the embedded default model) over the OpenAI API."""
@@ -189,6 +227,18 @@ def serve(
             f"--disaggregated: {config} does not enable disaggregation; set "
             "llm_config.is_disaggregated: true and b10_disagg_config: "
             "{prefill_workers_per_replica: P, decode_workers_per_replica: D}"
+        )
+    parallel = _parallel_config(spec)
+    ranked = parallel.world_size > 1
+    if ranked and (disaggregated or role in ("prefill", "decode")):
+        raise click.UsageError(
+            "disaggregated serving with tensor_parallel_size > 1 is not supported yet (K/V is "
+            "not handed between sharded engines); serve the config aggregated"
+        )
+    if ranked and parallel.attention_dp_size > 1 and workers is not None and role != "router":
+        raise click.UsageError(
+            "--workers with enable_attention_dp: each replica already serves one worker per "
+            "attention rank behind the router; run replicas as separate `bisllm serve` processes"
         )
     if role == "router":
         if not workers:
@@ -254,6 +304,10 @@ def serve(
             search_roots=_search_roots(config),
             role="both" if role == "worker" else role,
         )
+        if ranked:
+            node = RankNode(nnodes, node_rank, master_addr, master_port, no_router)
+            _serve_ranks(spec, model_dir, options, parallel, node, router_options, config)
+            return
         click.echo(f"loading {spec.served_model_name} from {model_dir} ...", err=True)
         app, engine = build_server(spec, model_dir, options)
     except (ModelDirectoryError, ValueError) as exc:
@@ -545,3 +599,142 @@ def _search_roots(config: Path) -> list[Path]:
     # A LOCAL checkpoint path (or an Eagle head's) is relative to the working directory, the
     # config's directory or, for the examples, this source checkout.
     return [Path.cwd(), config.resolve().parent, DEFAULT_CONFIG.parents[2]]
+
+
+def _parallel_config(spec) -> Any:  # type: ignore[no-untyped-def]
+    """The engine replica's parallel layout (tensor, expert, attention-DP sizes; nodes)."""
+    from bisllm_server.engine.parallel.state import ParallelConfig, ParallelConfigError
+
+    try:
+        return ParallelConfig.from_spec(spec.parallel, spec.hardware)
+    except ParallelConfigError as exc:
+        fail(str(exc))
+
+
+class RankNode(NamedTuple):
+    """Where this process's ranks sit in a multi-node replica (torchrun's variables)."""
+
+    nnodes: int | None
+    node_rank: int
+    master_addr: str | None
+    master_port: int | None
+    no_router: bool
+
+
+def _serve_ranks(
+    spec,
+    model_dir: Path,
+    options: Any,
+    parallel: Any,
+    node: RankNode,
+    router_options: RouterCLIOptions,
+    config: Path,
+) -> None:  # type: ignore[no-untyped-def]
+    """A replica of several ranks: this node's rank processes (rank 0 serving a tensor-parallel
+    replica; every rank serving under DP attention), and on one node with DP attention the
+    KV-aware router in front of the ranks, unless --no-router."""
+    import signal
+    import threading
+
+    from bisllm_server.engine.parallel.launch import (
+        LaunchError,
+        free_port,
+        from_env,
+        node_main,
+    )
+    from bisllm_server.engine.parallel.state import ParallelConfigError, default_backend
+    from bisllm_server.openai.ranks import RankServeArgs, serve_rank
+    from bisllm_server.router.fleet import free_ports
+
+    environ = {"NODE_RANK": str(node.node_rank)}
+    for name, value in (
+        ("NNODES", node.nnodes),
+        ("MASTER_ADDR", node.master_addr),
+        ("MASTER_PORT", node.master_port),
+    ):
+        if value is not None:
+            environ[name] = str(value)
+    if parallel.node_count == 1 and node.master_port is None:
+        environ["MASTER_PORT"] = str(free_port())
+    try:
+        where = from_env(parallel, environ)
+    except ParallelConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    dp = parallel.attention_dp_size > 1
+    local_router = dp and not node.no_router
+    if local_router and parallel.node_count > 1:
+        raise click.UsageError(
+            "enable_attention_dp over several nodes: every rank serves its own port; start each "
+            "node with --no-router and a router listing them (bisllm serve --role router)"
+        )
+    procs = parallel.procs_per_node
+    if local_router:
+        host, ports = "127.0.0.1", free_ports(procs)
+    else:
+        host = router_options.host
+        ports = [router_options.port + i for i in range(procs)] if dp else [router_options.port]
+    args = RankServeArgs(spec, model_dir, options, host, ports, router_options.log_level)
+    device = options.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    stop = threading.Event()
+    shape = f"tp={parallel.tp_size} ep={parallel.ep_size} attention_dp={parallel.attention_dp_size}"
+    click.echo(
+        f"loading {spec.served_model_name} from {model_dir} on {procs} ranks of node "
+        f"{where.node_rank}/{where.node_count} ({shape}) ...",
+        err=True,
+    )
+
+    def launch() -> None:
+        node_main(
+            serve_rank,
+            parallel,
+            node_rank=where.node_rank,
+            master_addr=where.master_addr,
+            master_port=where.master_port,
+            args=(args,),
+            backend=default_backend(device),
+            stop=stop,
+        )
+
+    if not local_router:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        try:
+            launch()
+        except LaunchError as exc:
+            fail(str(exc))
+        return
+
+    failure: list[LaunchError] = []
+
+    def run_ranks() -> None:
+        try:
+            launch()
+        except LaunchError as exc:
+            failure.append(exc)
+        if not stop.is_set():
+            # A replica that lost a rank serves nothing: exit, as a pod would, to be restarted.
+            click.echo(
+                f"bisllm serve: the ranks stopped: {failure[0] if failure else 'exit'}", err=True
+            )
+            os._exit(1)
+
+    ranks = threading.Thread(target=run_ranks, name="ranks", daemon=True)
+    ranks.start()
+
+    def stop_ranks() -> None:
+        stop.set()
+        ranks.join()
+
+    addresses = ",".join(f"127.0.0.1:{port}" for port in ports)
+    # uvicorn re-raises the signal that stopped the router once it has shut down (and the
+    # ranks with it); a no-op handler lets this process exit 0 after that.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    try:
+        _serve_router(spec, config, addresses, router_options, on_stop=stop_ranks)
+    finally:
+        stop_ranks()

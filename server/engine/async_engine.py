@@ -7,6 +7,9 @@ cancelled) aborts its request so its KV is freed at the next step.
 A request opened with a `kv_source` (disaggregated decode) first reserves its pages, then
 awaits its prompt's K/V from the source (a prefill worker) and only then joins the batch; if
 no K/V comes it is prefilled here, into the same pages.
+
+A `StepPacer` decides when the thread steps: whenever there is work for one engine on its own,
+and in step with the other ranks for a parallel replica (parallel/lockstep.py).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Protocol, TypeVar
 
 from bisllm_server.engine.engine import LLMEngine, RequestError
 from bisllm_server.engine.kv_handoff import KVHandoff
+from bisllm_server.engine.parallel.lockstep import LocalPacer, StepPacer
 from bisllm_server.engine.request import Request, RequestOutput
 from bisllm_server.engine.sampling import SamplingParams
 
@@ -44,8 +48,17 @@ class EngineDeadError(RuntimeError):
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        *,
+        pacer: StepPacer | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        """`on_error` runs on the stepping thread if it fails (a rank server exits then)."""
         self.engine = engine
+        self.pacer: StepPacer = pacer or LocalPacer()
+        self.on_error = on_error
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
@@ -186,23 +199,22 @@ class AsyncEngine:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
     def _run(self) -> None:
-        while not self._stopping:
-            self._wakeup.clear()
-            if not self.engine.has_unfinished_requests():
-                self._wakeup.wait()
-                continue
-            try:
-                outputs = self.engine.step()
-            except BaseException as exc:  # the thread must report, not vanish
-                self.error = exc
-                dead = EngineDeadError(f"engine step failed: {exc!r}")
-                self.engine.fail_calls(dead)
-                with self._lock:
-                    ids = list(self._streams)
-                for rid in ids:
-                    self._deliver(rid, dead)
-                return
-            self._deliver_step(outputs)
+        try:
+            while self.pacer.next_step(
+                self.engine.has_unfinished_requests, self._wakeup, lambda: self._stopping
+            ):
+                self._deliver_step(self.engine.step())
+            self.pacer.close()
+        except BaseException as exc:  # the thread must report, not vanish
+            self.error = exc
+            dead = EngineDeadError(f"engine step failed: {exc!r}")
+            self.engine.fail_calls(dead)
+            with self._lock:
+                ids = list(self._streams)
+            for rid in ids:
+                self._deliver(rid, dead)
+            if self.on_error is not None:
+                self.on_error(exc)
 
     def _deliver_step(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs over with one wake-up per event loop, not one per request: at

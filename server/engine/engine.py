@@ -37,6 +37,15 @@ from bisllm_server.engine.loader import ModelConfig, load_model
 from bisllm_server.engine.model_runner import CausalModel, ModelRunner
 from bisllm_server.engine.models.decoder import DecoderForCausalLM
 from bisllm_server.engine.parallel.expert_balancer import ExpertBalancer
+from bisllm_server.engine.parallel.lockstep import (
+    MirroredRequest,
+    StepChoices,
+    StepFollower,
+    StepInputs,
+    StepLeader,
+    check_digest,
+    mirrored_params,
+)
 from bisllm_server.engine.parallel.tensor_parallel import SINGLE, TPGroup
 from bisllm_server.engine.radix_cache import RadixCache
 from bisllm_server.engine.request import CompletionOutput, Request, RequestOutput
@@ -85,10 +94,13 @@ class LLMEngine:
         tokenizer: Any = _LOAD_TOKENIZER,
         attention: type[AttentionBackend] = TorchAttentionBackend,
         tp: TPGroup = SINGLE,
+        lockstep: StepLeader | StepFollower | None = None,
     ) -> None:
         """`tp`: this rank's tensor-parallel group. Every rank of it runs an engine over its
         shard of the model, fed the same requests in the same order; the logits are gathered
-        on every rank, so all of them schedule and sample alike."""
+        on every rank, so all of them schedule and sample alike. `lockstep` (serving, see
+        parallel/lockstep.py): the leader shares each step's inbox and choices with its
+        followers, which take theirs from it instead of from callers and the sampler."""
         config.validate()
         if tp.size > 1 and config.speculative_method in ("eagle", "mtp"):
             raise EngineConfigError(
@@ -97,6 +109,8 @@ class LLMEngine:
             )
         self.config = config
         self.tp = tp
+        self.lockstep = lockstep
+        self.lockstep_stopped = False  # a follower whose leader said stop
         if model is None:
             loaded = load_model(
                 config.model,
@@ -421,6 +435,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         start = time.perf_counter()
         outputs = self._drain_inbox()
+        if self.lockstep_stopped:
+            return outputs
         drafted = self._propose_drafts()
         batch = self.scheduler.schedule()
         self._import_handoffs(batch)
@@ -455,8 +471,9 @@ class LLMEngine:
                 row += span
             if verifying:
                 logits = logits[torch.tensor(plain_rows, dtype=torch.long, device=logits.device)]
-            rows = [self._sampling_row(batch.items[i][0]) for i in plain]
-            result, dead = self._sample(logits, rows)
+            result, dead, verified = self._choose(
+                logits, [batch.items[i][0] for i in plain], verifying
+            )
             self.scheduler.after_forward(batch)
             if self.balancer is not None:
                 self.balancer.after_forward()  # may move expert slots, between two steps
@@ -477,8 +494,8 @@ class LLMEngine:
                             result.top_logprobs[slot],
                         )
                     )
-            for req, draft_logits in verifying:
-                outputs.extend(self._verify(req, draft_logits))
+            for (req, _), predicted in zip(verifying, verified, strict=True):
+                outputs.extend(self._verify(req, predicted))
             if self.drafter is not None and capture is not None:
                 self.drafter.extend(fb, items, capture)
         elif self.tp.dp_attention:
@@ -536,15 +553,36 @@ class LLMEngine:
                 del req.token_ids[len(req.token_ids) - (req.num_draft - keep) :]
                 req.num_draft = keep
 
-    def _verify(self, req: Request, logits: torch.Tensor) -> list[RequestOutput]:
+    def _choose(
+        self,
+        logits: torch.Tensor,
+        plain: list[Request],
+        verifying: list[tuple[Request, torch.Tensor]],
+    ) -> tuple[SampleOutput | None, set[int], list[list[int]]]:
+        """The step's choices: the plain rows' sampled tokens (with the rows no token was
+        allowed for) and the tokens each draft verification keeps. A lockstep leader shares
+        them; a follower takes the leader's instead of sampling."""
+        if isinstance(self.lockstep, StepFollower):
+            choices = self.lockstep.receive_choices()
+            return choices.sampled, set(choices.dead), choices.verified
+        result, dead = self._sample(logits, [self._sampling_row(req) for req in plain])
+        verified = [self._predict(req, draft_logits) for req, draft_logits in verifying]
+        if isinstance(self.lockstep, StepLeader):
+            self.lockstep.publish_choices(StepChoices(result, frozenset(dead), verified))
+        return result, dead, verified
+
+    def _predict(self, req: Request, logits: torch.Tensor) -> list[int]:
         """Row i of `logits` is the target's next-token distribution after the request's i-th
         uncomputed token (its last real token, then each draft); the sampler decides which
-        drafts stand and the token after them (`Sampler.verify_drafts`). Rejected drafts leave
-        `token_ids`, and the pages only they needed go back to the pool."""
+        drafts stand and the token after them (`Sampler.verify_drafts`)."""
+        drafts = req.token_ids[req.seq_len - req.num_draft :]
+        return self.sampler.verify_drafts(logits, drafts, self._sampling_row(req))
+
+    def _verify(self, req: Request, predicted: list[int]) -> list[RequestOutput]:
+        """Keep the drafts that `predicted` confirms and the token after them. Rejected drafts
+        leave `token_ids`, and the pages only they needed go back to the pool."""
         k = req.num_draft
         base = req.seq_len - k
-        drafts = req.token_ids[base:]
-        predicted = self.sampler.verify_drafts(logits, drafts, self._sampling_row(req))
         accepted = len(predicted) - 1
         del req.token_ids[base:]
         req.num_draft = 0
@@ -693,9 +731,58 @@ class LLMEngine:
             )
         return req
 
-    def _drain_inbox(self) -> list[RequestOutput]:
+    def follow(self) -> None:
+        """A lockstep follower's loop: step as the leader says until it says stop."""
+        while not self.lockstep_stopped:
+            self.step()
+
+    def _take_inbox(self) -> list[tuple[str, Any]]:
+        """This step's inbox: the callers' (shared with the followers by a lockstep leader),
+        or on a follower, the leader's."""
+        digest = (self._step, len(self._requests), self._totals["generation"])
+        if isinstance(self.lockstep, StepFollower):
+            inputs = self.lockstep.receive_inputs()
+            if inputs.stop:
+                self.lockstep_stopped = True
+                return []
+            check_digest(self.tp.rank, self._step, digest, inputs.digest)
+            return [
+                (kind, self._rebuild(item) if kind == "add" else item)
+                for kind, item in inputs.inbox
+            ]
         with self._inbox_lock:
             inbox, self._inbox = self._inbox, []
+        if isinstance(self.lockstep, StepLeader):
+            # Calls run on the leader alone: under tensor parallelism they leave pages alone.
+            shared = [
+                (kind, self._mirror(item) if kind == "add" else item)
+                for kind, item in inbox
+                if kind != "call"
+            ]
+            self.lockstep.publish_inputs(StepInputs(digest, shared))
+        return inbox
+
+    @staticmethod
+    def _mirror(req: Request) -> MirroredRequest:
+        return MirroredRequest(
+            req.request_id,
+            list(req.prompt_ids),
+            mirrored_params(req.params),
+            req.arrival,
+            req.detokenizer is not None,
+        )
+
+    def _rebuild(self, item: MirroredRequest) -> Request:
+        """A follower's copy of a leader's request (it never samples: no generator)."""
+        req = Request(item.request_id, item.prompt_ids, item.params, item.arrival)
+        if item.detokenize and self.tokenizer is not None:
+            req.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, item.prompt_ids, item.params.skip_special_tokens
+            )
+        return req
+
+    def _drain_inbox(self) -> list[RequestOutput]:
+        inbox = self._take_inbox()
         outputs = []
         for kind, item in inbox:
             if kind == "add":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ from bisllm_server.disagg.transfer import KVPuller
 from bisllm_server.engine.async_engine import AsyncEngine
 from bisllm_server.engine.config import EngineConfig
 from bisllm_server.engine.engine import LLMEngine
+from bisllm_server.engine.parallel.lockstep import StepLeader, StepPacer
+from bisllm_server.engine.parallel.tensor_parallel import SINGLE, TPGroup
 from bisllm_server.openai.app import create_app
 from bisllm_server.openai.kv_event_stream import KVEventLog
 from bisllm_server.openai.metrics import ServerMetrics
@@ -30,6 +33,16 @@ log = logging.getLogger("bisllm.server")
 
 class ModelDirectoryError(FileNotFoundError):
     """The spec's checkpoint is not on this machine (not hydrated, or a wrong path)."""
+
+
+@dataclass
+class RankEngine:
+    """How this rank's engine takes part in a parallel replica (see ranks.py)."""
+
+    tp: TPGroup = SINGLE
+    lockstep: StepLeader | None = None
+    pacer: StepPacer | None = None  # None: step whenever there is work
+    on_error: Callable[[BaseException], None] | None = None
 
 
 @dataclass
@@ -119,8 +132,8 @@ def _speculate(config: EngineConfig, spec: Any, roots: list[Path]) -> None:
         # eagle3_one_model needs nothing here: head and target already share one process.
 
 
-def build_server(spec: Any, model_dir: Path, options: ServeOptions) -> tuple[Any, AsyncEngine]:
-    """(FastAPI app, started AsyncEngine) for a deployment spec."""
+def engine_config(spec: Any, model_dir: Path, options: ServeOptions) -> EngineConfig:
+    """The engine's settings for a deployment spec."""
     engine_spec = spec.engine
     config = EngineConfig(
         model=model_dir,
@@ -134,10 +147,24 @@ def build_server(spec: Any, model_dir: Path, options: ServeOptions) -> tuple[Any
     if options.kv_cache_bytes is not None:
         config.kv_cache_bytes = options.kv_cache_bytes
     _speculate(config, spec, [*options.search_roots, Path.cwd(), model_dir.parent])
-    llm = LLMEngine(config)
+    return config
+
+
+def build_server(
+    spec: Any,
+    model_dir: Path,
+    options: ServeOptions,
+    *,
+    rank: RankEngine | None = None,
+) -> tuple[Any, AsyncEngine]:
+    """(FastAPI app, started AsyncEngine) for a deployment spec; `rank`: this process is one
+    rank of a parallel replica (ranks.py)."""
+    config = engine_config(spec, model_dir, options)
+    rank = rank or RankEngine()
+    llm = LLMEngine(config, tp=rank.tp, lockstep=rank.lockstep)
     # Subscribed before the engine thread starts, so the log sees every event from id 1.
     kv_event_log = KVEventLog(llm.kv_events, block_size=config.page_size, role=options.role)
-    engine = AsyncEngine(llm)
+    engine = AsyncEngine(llm, pacer=rank.pacer, on_error=rank.on_error)
     engine.start()
     settings = ServerSettings(
         served_model_name=spec.served_model_name,

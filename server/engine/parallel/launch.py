@@ -46,6 +46,8 @@ DEFAULT_MASTER_PORT = 29500
 EXIT_GRACE_S = 30.0
 # How often a rank checks that its launcher is still alive.
 _PARENT_POLL_S = 0.5
+# How often a launcher with a stop event looks at it.
+_STOP_POLL_S = 0.2
 
 InitMethod = Literal["env", "tcp"]
 RankFn = Callable[..., Any]
@@ -279,16 +281,29 @@ def _receive(rank: _Rank) -> Any:
         ) from None
 
 
-def _collect(ranks: list[_Rank], timeout_s: float | None) -> dict[int, Any]:
-    """Wait for every rank's report; raise on the first failure or at the deadline."""
+def _collect(
+    ranks: list[_Rank], timeout_s: float | None, stop: threading.Event | None = None
+) -> dict[int, Any]:
+    """Wait for every rank's report; raise on the first failure or at the deadline. Once
+    `stop` is set, every rank still running gets SIGTERM and EXIT_GRACE_S to report."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     waiting = {rank.conn: rank for rank in ranks}
     results: dict[int, Any] = {}
+    stopping = False
     while waiting:
+        if stop is not None and stop.is_set() and not stopping:
+            stopping = True
+            for rank in waiting.values():
+                rank.process.terminate()
+            grace = time.monotonic() + EXIT_GRACE_S
+            deadline = grace if deadline is None else min(deadline, grace)
+            timeout_s = EXIT_GRACE_S if timeout_s is None else min(timeout_s, EXIT_GRACE_S)
         remaining = None if deadline is None else deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             late = sorted(rank.rank for rank in waiting.values())
             raise LaunchError(late, f"rank(s) {late} did not finish within {timeout_s:g} s")
+        if stop is not None and not stopping:
+            remaining = _STOP_POLL_S if remaining is None else min(remaining, _STOP_POLL_S)
         # Blocks on the pipes only: a rank that dies closes its pipe, which wakes us too.
         failures = []
         for conn in connection.wait(list(waiting), timeout=remaining):
@@ -331,12 +346,14 @@ def node_main(
     init_method: InitMethod = "env",
     timeout_s: float | None = None,
     dist_timeout_s: float = DEFAULT_DIST_TIMEOUT_S,
+    stop: threading.Event | None = None,
 ) -> list[Any]:
     """Run this node's ranks of `config` to completion; their return values by local rank.
 
     Each rank calls `fn(state: ParallelState, *args)`; `fn` and the return values must pickle
     (`fn` a module-level function). `timeout_s` bounds the whole run (None: a server runs
-    until it stops); `dist_timeout_s` bounds the rendezvous and each collective.
+    until it stops); `dist_timeout_s` bounds the rendezvous and each collective. Setting
+    `stop` (e.g. from a signal handler) sends the ranks SIGTERM and waits for their reports.
     """
     if init_method not in ("env", "tcp"):
         raise ValueError(f"init_method must be 'env' or 'tcp', got {init_method!r}")
@@ -357,7 +374,7 @@ def node_main(
     grace_s = 0.0  # on failure, stop the survivors at once: they may be stuck in a collective
     try:
         _start_ranks(fn, args, specs, started)
-        results = _collect(started, timeout_s)
+        results = _collect(started, timeout_s, stop)
         grace_s = EXIT_GRACE_S  # every rank reported; let them finish exiting on their own
         return [results[spec.rank] for spec in specs]
     finally:
@@ -374,6 +391,7 @@ def spawn_local(
     init_method: InitMethod = "env",
     timeout_s: float | None = None,
     dist_timeout_s: float = DEFAULT_DIST_TIMEOUT_S,
+    stop: threading.Event | None = None,
 ) -> list[Any]:
     """Run all `world_size` ranks on this machine; their return values by rank.
 
@@ -396,6 +414,7 @@ def spawn_local(
         init_method=init_method,
         timeout_s=timeout_s,
         dist_timeout_s=dist_timeout_s,
+        stop=stop,
     )
 
 
