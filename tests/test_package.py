@@ -387,6 +387,17 @@ def worker_pools(pkg: Packaged) -> dict[str, int]:
     return {"prefill": d.prefill_workers_per_replica, "decode": d.decode_workers_per_replica}
 
 
+def http_ports(spec: DeploymentSpec) -> list[int]:
+    """The ports a worker pod serves HTTP on: 8000, and under DP attention one more per rank
+    of the engine on the pod (its tensor-parallel ranks over the nodes one engine spans)."""
+    if not spec.parallel.enable_attention_dp:
+        return [SERVER_PORT]
+    parallel = spec.parallel
+    engine_nodes = max(1, spec.hardware.node_count // parallel.data_parallel_size)
+    ranks = parallel.tensor_parallel_size // engine_nodes
+    return list(range(SERVER_PORT, SERVER_PORT + ranks))
+
+
 def test_builtin_manifests_validate(pkg: Packaged) -> None:
     documents = k8s_documents(pkg.out)
     pools = len(worker_pools(pkg))
@@ -456,9 +467,13 @@ def test_worker_resources_and_wiring(pkg: Packaged) -> None:
     (router,) = deployments.values()
     router_args = router["spec"]["template"]["spec"]["containers"][0]["args"]
     targets = router_args[router_args.index("--workers") + 1].split(",")
-    assert len(targets) == len(pools)
-    for workers, target in zip(pools, targets, strict=True):
-        check_worker_pool(pkg, workers, router, services, target)
+    # One target per pool and HTTP port (DP attention: one port per rank on the pod).
+    ports = len(http_ports(pkg.spec))
+    assert len(targets) == len(pools) * ports
+    for index, workers in enumerate(pools):
+        check_worker_pool(
+            pkg, workers, router, services, targets[index * ports : (index + 1) * ports]
+        )
     # Selectors pick the pods they are meant to, and every Service reaches exactly one Deployment.
     for deployment in (*pools, router):
         labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -482,10 +497,10 @@ def check_worker_pool(
     workers: dict[str, Any],
     router: dict[str, Any],
     services: list[dict[str, Any]],
-    router_target: str,
+    router_targets: list[str],
 ) -> None:
-    """One pool's worker Deployment: resources, image, labels, its Service, the router's
-    address for it."""
+    """One pool's worker Deployment: resources, image, labels, ports, its Service, the
+    router's addresses for it."""
     assert role_of(workers) in worker_pools(pkg)
 
     (worker,) = workers["spec"]["template"]["spec"]["containers"]
@@ -501,13 +516,20 @@ def check_worker_pool(
     assert worker["image"] == router["spec"]["template"]["spec"]["containers"][0]["image"]
     assert worker["image"] == image_ref(pkg.spec, PackageOptions())
 
-    # The router reaches this pool through the one Service selecting its pods.
-    worker_services = [
-        s["metadata"]["name"]
+    # Each rank that serves HTTP has its port (one, without DP attention).
+    ports = http_ports(pkg.spec)
+    assert [p["containerPort"] for p in worker["ports"]] == ports
+    assert ("--no-router" in worker["args"]) == pkg.spec.parallel.enable_attention_dp
+
+    # The router reaches this pool through the one Service selecting its pods, on every port.
+    (service,) = [
+        s
         for s in services
         if selects(s["spec"]["selector"], workers["spec"]["template"]["metadata"]["labels"])
     ]
-    assert router_target == f"{worker_services[0]}:{SERVER_PORT}"
+    assert service["spec"]["clusterIP"] == "None"
+    assert [p["port"] for p in service["spec"]["ports"]] == ports
+    assert router_targets == [f"{service['metadata']['name']}:{port}" for port in ports]
 
 
 def _sample_scaledobject() -> dict[str, Any]:
@@ -623,6 +645,477 @@ def test_kubernetes_validate_is_strict(packaged: dict[str, Packaged]) -> None:
     wrong_type["spec"]["replicas"] = "1"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(wrong_type, KUBERNETES_VERSION, strict=True)
+
+
+# --------------------------------------------------------------------------------------------
+# 2b. multi-node engines (LeaderWorkerSet) and DP attention
+
+LWS_API = "leaderworkerset.x-k8s.io/v1"
+LEADER_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
+RENDEZVOUS_PORT = 29500
+# The LeaderWorkerSet fields this package may use (LWS v1's LeaderWorkerSetSpec and
+# LeaderWorkerTemplate); the pod templates are checked as Kubernetes PodTemplates.
+LWS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": LWS_API},
+        "kind": {"const": "LeaderWorkerSet"},
+        "metadata": {
+            "type": "object",
+            "required": ["name"],
+            "properties": {
+                "name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"},
+                "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        },
+        "spec": {
+            "type": "object",
+            "required": ["leaderWorkerTemplate"],
+            "additionalProperties": False,
+            "properties": {
+                "replicas": {"type": "integer", "minimum": 0},
+                "startupPolicy": {"enum": ["LeaderCreated", "LeaderReady"]},
+                "rolloutStrategy": {"type": "object"},
+                "networkConfig": {"type": "object"},
+                "leaderWorkerTemplate": {
+                    "type": "object",
+                    "required": ["workerTemplate"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "leaderTemplate": {"type": "object"},
+                        "workerTemplate": {"type": "object"},
+                        "size": {"type": "integer", "minimum": 1},
+                        "restartPolicy": {
+                            "enum": [
+                                "Default",
+                                "RecreateGroupOnPodRestart",
+                                "RecreateGroupAfterStart",
+                                "None",
+                            ]
+                        },
+                        "subGroupPolicy": {"type": "object"},
+                        "volumeClaimTemplates": {"type": "array"},
+                        "persistentVolumeClaimRetentionPolicy": {"type": "object"},
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def parallel_config(
+    *,
+    gpus: int,
+    tp: int,
+    nodes: int = 1,
+    dp: int = 1,
+    dp_attention: bool = False,
+    model_name: str = "tiny-moe",
+    extra: str = "",
+) -> str:
+    text = (
+        SMALL_CONFIG.replace("model_name: tiny-moe", f"model_name: {model_name}")
+        .replace("accelerator: H100:2", f"accelerator: H100:{gpus}\n  node_count: {nodes}")
+        .replace("tensor_parallel_size: 2", f"tensor_parallel_size: {tp}")
+    )
+    text += f"llm_config:\n  data_parallel_size: {dp}\n"
+    if dp_attention:
+        text += f"  enable_attention_dp: true\n  expert_parallel_size: {tp}\n"
+    return text + extra
+
+
+def package_k8s(tmp_path: Path, text: str) -> tuple[list[dict[str, Any]], DeploymentSpec]:
+    config = write_config(tmp_path / "cfg" / "config.yaml", text)
+    validation = validate_file(config)
+    assert validation.ok and validation.spec is not None, validation.report()
+    result = package(config, "-o", tmp_path / "out", "--target", "k8s")
+    assert result.exit_code == 0, result.output
+    return k8s_documents(tmp_path / "out"), validation.spec
+
+
+def lws_errors(document: dict[str, Any]) -> list[str]:
+    validator = jsonschema.Draft202012Validator(LWS_SCHEMA)
+    return [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in validator.iter_errors(document)
+    ]
+
+
+def validate_lws(lws: dict[str, Any]) -> None:
+    assert lws_errors(lws) == []
+    for key in ("leaderTemplate", "workerTemplate"):
+        template = lws["spec"]["leaderWorkerTemplate"][key]
+        kubernetes_validate.validate(
+            {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": key.lower()},
+                "template": template,
+            },
+            KUBERNETES_VERSION,
+            strict=True,
+        )
+
+
+def container(template: dict[str, Any]) -> dict[str, Any]:
+    (only_container,) = template["spec"]["containers"]
+    return only_container
+
+
+def router_targets(documents: list[dict[str, Any]]) -> list[str]:
+    (args,) = [
+        container(d["spec"]["template"])["args"]
+        for d in documents
+        if d["kind"] == "Deployment" and role_of(d) == "router"
+    ]
+    return args[args.index("--workers") + 1].split(",")
+
+
+def pod_labels(template: dict[str, Any], worker_index: int) -> dict[str, str]:
+    """A pod's labels once LWS has added its own (the ones a Service can select on)."""
+    return {**template["metadata"]["labels"], LEADER_LABEL: str(worker_index)}
+
+
+PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
+MULTI_NODE = {
+    # name: (GPUs per node, nodes, tensor parallel, data parallel) -> (group size, groups
+    # per replica, GPUs per pod)
+    "tp16-2-nodes": ((8, 2, 16, 1), (2, 1, 8)),
+    "tp32-4-nodes": ((8, 4, 32, 1), (4, 1, 8)),
+    "tp16-dp2-4-nodes": ((8, 4, 16, 2), (2, 2, 8)),
+    "tp8-2-nodes-of-4": ((4, 2, 8, 1), (2, 1, 4)),
+}
+
+
+@pytest.mark.parametrize(("shape", "expected"), MULTI_NODE.values(), ids=MULTI_NODE.keys())
+def test_multi_node_engine_is_a_leaderworkerset(
+    tmp_path: Path, shape: tuple[int, int, int, int], expected: tuple[int, int, int]
+) -> None:
+    gpus, nodes, tp, dp = shape
+    size, groups, pod_gpus = expected
+    extra = (
+        "secrets:\n  hf_access_token: null\n"
+        "environment_variables:\n  NCCL_DEBUG: INFO\n"
+        "autoscaling_settings:\n  min_replica: 2\n  max_replica: 5\n"
+    )
+    documents, spec = package_k8s(
+        tmp_path, parallel_config(gpus=gpus, tp=tp, nodes=nodes, dp=dp, extra=extra)
+    )
+    assert Counter(d["kind"] for d in documents) == {
+        "ConfigMap": 1,
+        "Deployment": 1,  # the router
+        "LeaderWorkerSet": 1,
+        "Service": 2,
+        "ScaledObject": 1,
+    }
+    for document in documents:
+        if document["kind"] not in ("ScaledObject", "LeaderWorkerSet"):
+            kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+    lws = only(documents, "LeaderWorkerSet")
+    validate_lws(lws)
+    name = lws["metadata"]["name"]
+    group = lws["spec"]["leaderWorkerTemplate"]
+    assert group["size"] == size
+    assert group["restartPolicy"] == "RecreateGroupOnPodRestart"
+    assert lws["spec"].get("startupPolicy", "LeaderCreated") == "LeaderCreated"
+    assert lws["spec"]["replicas"] == 2 * groups  # min_replica engine groups per replica
+
+    leader, worker = group["leaderTemplate"], group["workerTemplate"]
+    expected_args = [
+        "/etc/bisllm/config.yaml",
+        "--role",
+        "worker",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8000",
+        "--nnodes",
+        "$(LWS_GROUP_SIZE)",
+        "--node-rank",
+        "$(LWS_WORKER_INDEX)",
+        "--master-addr",
+        "$(LWS_LEADER_ADDRESS)",
+        "--master-port",
+        "29500",
+    ]
+    for template in (leader, worker):
+        pod = container(template)
+        assert pod["args"] == expected_args
+        assert pod["resources"]["requests"]["nvidia.com/gpu"] == pod_gpus
+        assert pod["resources"]["limits"]["nvidia.com/gpu"] == pod_gpus
+        assert {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT} in pod["ports"]
+        assert {"name": "NCCL_DEBUG", "value": "INFO"} in pod["env"]
+        assert {"name": "BISLLM_SPEC", "value": "/etc/bisllm/spec.json"} in pod["env"]
+        assert template["spec"]["nodeSelector"] == {"bisllm.dev/accelerator": "H100"}
+        assert template["metadata"]["labels"] == lws["metadata"]["labels"]
+        mounts = {m["name"]: m["mountPath"] for m in pod["volumeMounts"]}
+        assert mounts == {
+            "config": "/etc/bisllm",
+            "models": "/models",
+            "dshm": "/dev/shm",
+            "secrets": "/secrets",
+        }
+    # Both templates are the same pod but for what serving HTTP adds.
+    assert leader["spec"]["volumes"] == worker["spec"]["volumes"]
+    assert (
+        container(leader)["image"]
+        == container(worker)["image"]
+        == image_ref(spec, PackageOptions())
+    )
+    assert gpus * nodes == tp * dp == pod_gpus * size * groups
+
+    # Only the leader serves HTTP: probes, the http port and the Prometheus scrape.
+    for probe in PROBES:
+        assert container(leader)[probe]["httpGet"] == {"path": "/health", "port": "http"}
+        assert probe not in container(worker)
+    assert {"name": "http", "containerPort": SERVER_PORT} in container(leader)["ports"]
+    assert [p["name"] for p in container(worker)["ports"]] == ["rendezvous"]
+    assert leader["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert "prometheus.io/scrape" not in worker["metadata"]["annotations"]
+
+    # The router's Service is headless and selects the leaders only; it is not the one LWS
+    # creates under the set's own name for the rendezvous addresses.
+    (service,) = [
+        d
+        for d in documents
+        if d["kind"] == "Service" and selects(d["spec"]["selector"], pod_labels(leader, 0))
+    ]
+    assert service["metadata"]["name"] != name
+    assert service["spec"]["clusterIP"] == "None"
+    assert selects(service["spec"]["selector"], pod_labels(leader, 0))
+    assert not selects(service["spec"]["selector"], pod_labels(worker, 1))
+    assert [p["port"] for p in service["spec"]["ports"]] == [SERVER_PORT]
+    assert router_targets(documents) == [f"{service['metadata']['name']}:{SERVER_PORT}"]
+
+    # KEDA scales the set (its scale subresource counts groups).
+    scaled = only(documents, "ScaledObject")
+    assert keda_errors(scaled) == []
+    assert scaled["spec"]["scaleTargetRef"] == {
+        "apiVersion": LWS_API,
+        "kind": "LeaderWorkerSet",
+        "name": name,
+    }
+    assert scaled["spec"]["minReplicaCount"] == 2 * groups
+    assert scaled["spec"]["maxReplicaCount"] == 5 * groups
+    query = scaled["spec"]["triggers"][0]["metadata"]["query"]
+    assert query.startswith('sum(avg_over_time(bisllm_in_flight_tokens{model_name="tiny-moe"}')
+
+
+@pytest.mark.parametrize("nodes", [1, 2], ids=["one-node", "two-nodes"])
+def test_dp_attention_serves_every_rank(tmp_path: Path, nodes: int) -> None:
+    """Every rank of a DP-attention engine is its own target: port 8000 + its local rank."""
+    tp = 8 * nodes
+    documents, _ = package_k8s(
+        tmp_path, parallel_config(gpus=8, tp=tp, nodes=nodes, dp_attention=True)
+    )
+    ports = list(range(8000, 8008))
+    names = ["http", *(f"http-{i}" for i in range(1, 8))]
+    if nodes == 1:
+        assert not [d for d in documents if d["kind"] == "LeaderWorkerSet"]
+        workers = next(
+            d
+            for d in documents
+            if d["kind"] == "Deployment"
+            and "--no-router" in container(d["spec"]["template"])["args"]
+        )
+        templates = {"pod": workers["spec"]["template"]}
+        target_kind = ("apps/v1", "Deployment")
+    else:
+        lws = only(documents, "LeaderWorkerSet")
+        validate_lws(lws)
+        workers = lws
+        group = lws["spec"]["leaderWorkerTemplate"]
+        templates = {"leader": group["leaderTemplate"], "worker": group["workerTemplate"]}
+        target_kind = (LWS_API, "LeaderWorkerSet")
+    for template in templates.values():
+        pod = container(template)
+        assert pod["args"][-1] == "--no-router"
+        assert pod["args"].count("--no-router") == 1
+        http = [p for p in pod["ports"] if p["name"] != "rendezvous"]
+        assert [p["containerPort"] for p in http] == ports
+        assert [p["name"] for p in http] == names
+        # Every pod serves HTTP, so every pod has the probes (on 8000) and is scraped.
+        for probe in PROBES:
+            assert pod[probe]["httpGet"]["port"] == "http"
+        assert template["metadata"]["annotations"]["prometheus.io/port"] == "8000"
+        assert pod["resources"]["limits"]["nvidia.com/gpu"] == 8
+    services = [
+        d
+        for d in documents
+        if d["kind"] == "Service"
+        and selects(d["spec"]["selector"], pod_labels(next(iter(templates.values())), 0))
+    ]
+    (service,) = services
+    assert service["spec"]["clusterIP"] == "None"
+    for template in templates.values():  # the leader and the other nodes alike
+        for index in range(nodes):
+            assert selects(service["spec"]["selector"], pod_labels(template, index))
+    assert [p["port"] for p in service["spec"]["ports"]] == ports
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == names
+    service_name = service["metadata"]["name"]
+    assert router_targets(documents) == [f"{service_name}:{port}" for port in ports]
+    target = only(documents, "ScaledObject")["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"], target["name"]) == (
+        *target_kind,
+        workers["metadata"]["name"],
+    )
+
+
+def test_single_node_without_dp_attention_is_unchanged(tmp_path: Path) -> None:
+    """The one-node form without DP attention is exactly what it was before multi-node
+    engines: a Deployment, one port, no rendezvous, no LWS arguments."""
+    documents, spec = package_k8s(tmp_path, SMALL_CONFIG + "secrets:\n  hf_access_token: null\n")
+    assert Counter(d["kind"] for d in documents) == {
+        "ConfigMap": 1,
+        "Deployment": 2,
+        "Service": 2,
+        "ScaledObject": 1,
+    }
+    workers = next(
+        d
+        for d in documents
+        if d["kind"] == "Deployment" and d["metadata"]["name"] == "tiny-moe-worker"
+    )
+    labels = {
+        "app.kubernetes.io/component": "worker",
+        "app.kubernetes.io/managed-by": "bisllm",
+        "app.kubernetes.io/name": "tiny-moe",
+    }
+    selector = {k: v for k, v in labels.items() if k != "app.kubernetes.io/managed-by"}
+    health = {"path": "/health", "port": "http"}
+    assert workers == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "tiny-moe-worker", "labels": labels},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": "8000",
+                        "prometheus.io/path": "/metrics",
+                        "bisllm.dev/config-sha256": spec.source_config_sha256,
+                    },
+                },
+                "spec": {
+                    "nodeSelector": {"bisllm.dev/accelerator": "H100"},
+                    "terminationGracePeriodSeconds": 120,
+                    "containers": [
+                        {
+                            "name": "worker",
+                            "image": image_ref(spec, PackageOptions()),
+                            "args": [
+                                "/etc/bisllm/config.yaml",
+                                "--role",
+                                "worker",
+                                "--host",
+                                "0.0.0.0",
+                                "--port",
+                                "8000",
+                            ],
+                            "ports": [{"name": "http", "containerPort": 8000}],
+                            "env": [{"name": "BISLLM_SPEC", "value": "/etc/bisllm/spec.json"}],
+                            "resources": {
+                                "requests": {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": 2},
+                                "limits": {"nvidia.com/gpu": 2},
+                            },
+                            "startupProbe": {
+                                "httpGet": health,
+                                "periodSeconds": 10,
+                                "failureThreshold": 360,
+                            },
+                            "readinessProbe": {"httpGet": health, "periodSeconds": 5},
+                            "livenessProbe": {
+                                "httpGet": health,
+                                "periodSeconds": 15,
+                                "failureThreshold": 4,
+                            },
+                            "volumeMounts": [
+                                {"name": "config", "mountPath": "/etc/bisllm", "readOnly": True},
+                                {"name": "models", "mountPath": "/models"},
+                                {"name": "dshm", "mountPath": "/dev/shm"},
+                                {"name": "secrets", "mountPath": "/secrets", "readOnly": True},
+                            ],
+                        }
+                    ],
+                    "volumes": [
+                        {"name": "config", "configMap": {"name": "tiny-moe-config"}},
+                        {"name": "models", "emptyDir": {}},
+                        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+                        {
+                            "name": "secrets",
+                            "secret": {"secretName": "tiny-moe-secrets", "optional": True},
+                        },
+                    ],
+                },
+            },
+        },
+    }
+    service = next(
+        d
+        for d in documents
+        if d["kind"] == "Service" and d["metadata"]["name"] == "tiny-moe-worker"
+    )
+    assert service == {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "tiny-moe-worker", "labels": labels},
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector,
+            "ports": [{"name": "http", "port": 8000, "targetPort": "http"}],
+        },
+    }
+    assert router_targets(documents) == ["tiny-moe-worker:8000"]
+    assert only(documents, "ScaledObject")["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "tiny-moe-worker",
+    }
+
+
+def test_multi_node_names_fit_the_statefulsets(tmp_path: Path) -> None:
+    """LWS names its StatefulSets NAME and NAME-<group>; their pods' controller-revision-hash
+    label (<statefulset>-<10 characters>) must stay within 63 characters."""
+    documents, _ = package_k8s(
+        tmp_path, parallel_config(gpus=8, tp=16, nodes=2, model_name="m" * 60)
+    )
+    name = only(documents, "LeaderWorkerSet")["metadata"]["name"]
+    assert len(f"{name}-999-0123456789") <= 63
+    assert router_targets(documents)[0].startswith(name)
+
+
+MULTI_NODE_REFUSED = {
+    "data-parallel-per-node": (
+        parallel_config(gpus=8, tp=8, nodes=2, dp=2),
+        ["data_parallel_size 2", "node_count 2", "node_count: 1"],
+    ),
+    "disaggregated": (
+        parallel_config(gpus=8, tp=16, nodes=2)
+        + "  is_disaggregated: true\n  b10_disagg_config:\n"
+        + "    prefill_workers_per_replica: 1\n    decode_workers_per_replica: 1\n",
+        ["resources.node_count", "llm_config.is_disaggregated"],
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("text", "needles"), MULTI_NODE_REFUSED.values(), ids=MULTI_NODE_REFUSED.keys()
+)
+def test_multi_node_without_a_manifest_is_refused(
+    tmp_path: Path, text: str, needles: list[str]
+) -> None:
+    config = write_config(tmp_path / "cfg" / "config.yaml", text)
+    assert validate_file(config).ok, validate_file(config).report()
+    before = snapshot([tmp_path])
+    result = package(config, "-o", tmp_path / "out", "--target", "k8s")
+    assert_refused(result, before, [tmp_path], *needles)
 
 
 # --------------------------------------------------------------------------------------------

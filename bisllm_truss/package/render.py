@@ -31,6 +31,16 @@ DEFAULT_PROMETHEUS = "http://prometheus-operated.monitoring.svc:9090"
 SOURCE_PACKAGES = ("bisllm_truss", "bisllm_server", "bisllm_bdn", "bisllm_templates")
 # Weight-source schemes `truss push` can deliver (Truss's WeightsSource).
 TRUSS_SCHEMES = ("hf", "s3", "gs", "azure", "r2", "cw", "https")
+# Multi-node engines: one LeaderWorkerSet group per engine, one pod per node.
+LWS_API_VERSION = "leaderworkerset.x-k8s.io/v1"
+# LWS labels every pod with its index in the group; the leader (node 0) is "0".
+LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
+# torch.distributed's rendezvous on the leader (`--master-port`).
+RENDEZVOUS_PORT = 29500
+# An LWS named N runs StatefulSets N (leaders) and N-<group> (each group's workers), whose pods
+# carry the label controller-revision-hash=<statefulset>-<10-char hash> (63 characters at
+# most): N of 48 characters leaves room for 999 groups.
+LWS_NAME_MAX = 48
 
 
 class PackageError(Exception):
@@ -203,11 +213,84 @@ def _scale_down_step(spec: DeploymentSpec) -> tuple[int, int, int]:
     return max(1, math.ceil(scaling.max_scale_down_rate)), period, period
 
 
+@dataclass(frozen=True)
+class PodLayout:
+    """How one engine replica of the spec maps onto pods."""
+
+    nodes: int  # pods per engine, one per node; > 1: a LeaderWorkerSet group of that size
+    engines: int  # engine groups per deployment replica (LWS); 1 for a Deployment
+    gpus: int  # GPUs per pod
+    http_ports: tuple[int, ...]  # the ports a serving pod answers HTTP on
+    dp_attention: bool  # every rank serves HTTP on its own port (`--no-router`)
+
+    @property
+    def multi_node(self) -> bool:
+        return self.nodes > 1
+
+
+def pod_layout(spec: DeploymentSpec) -> PodLayout:
+    """Pods per engine, GPUs per pod and HTTP ports per pod; refuses what has no manifest."""
+    hardware, parallel = spec.hardware, spec.parallel
+    if hardware.node_count == 1 and not parallel.enable_attention_dp:
+        return PodLayout(1, 1, hardware.gpus_per_node, (SERVER_PORT,), dp_attention=False)
+    # Imported here: the engine's layout arithmetic pulls in torch, which single-node
+    # packaging without DP attention does not need.
+    from bisllm_server.engine.parallel.state import ParallelConfig, ParallelConfigError
+
+    try:
+        config = ParallelConfig.from_spec(parallel, hardware)
+    except ParallelConfigError as exc:
+        raise PackageError(f"the parallel layout does not fit resources: {exc}") from None
+    nodes = hardware.node_count
+    if nodes > 1 and config.node_count == 1:
+        dp = parallel.data_parallel_size
+        raise PackageError(
+            f"llm_config.data_parallel_size {dp} >= resources.node_count {nodes}: every engine "
+            f"fits on one node, so a replica is {nodes} unrelated nodes, which has no "
+            f"Kubernetes manifest; set node_count: 1 and data_parallel_size: {dp // nodes}, "
+            f"and multiply min_replica and max_replica by {nodes}"
+        )
+    if nodes > 1 and spec.disaggregation.enabled:
+        # `bisllm serve` does not hand K/V between sharded engines, and a multi-node engine
+        # is always sharded.
+        raise PackageError(
+            f"resources.node_count {nodes} with llm_config.is_disaggregated: disaggregated "
+            "serving does not combine with multi-node (tensor-parallel) engines yet; serve "
+            "the config aggregated (is_disaggregated: false) or on one node"
+        )
+    multi_node = config.node_count > 1
+    # With DP attention each rank on a pod serves HTTP on 8000 + its local rank.
+    ports = config.procs_per_node if parallel.enable_attention_dp else 1
+    return PodLayout(
+        nodes=config.node_count,
+        engines=parallel.data_parallel_size if multi_node else 1,
+        gpus=config.procs_per_node if multi_node else hardware.gpus_per_node,
+        http_ports=tuple(range(SERVER_PORT, SERVER_PORT + ports)),
+        dp_attention=parallel.enable_attention_dp,
+    )
+
+
+def _worker_args(role: str, layout: PodLayout) -> list[str]:
+    """`bisllm serve` arguments of a worker pod (the image's entrypoint is `bisllm serve`)."""
+    args = ["/etc/bisllm/config.yaml", "--role", role, "--host", "0.0.0.0"]
+    args += ["--port", str(SERVER_PORT)]
+    if layout.multi_node:
+        # LWS puts these into every pod's environment; Kubernetes expands $(VAR) in args.
+        args += ["--nnodes", "$(LWS_GROUP_SIZE)", "--node-rank", "$(LWS_WORKER_INDEX)"]
+        args += ["--master-addr", "$(LWS_LEADER_ADDRESS)"]
+        args += ["--master-port", str(RENDEZVOUS_PORT)]
+    if layout.dp_attention:
+        args.append("--no-router")
+    return args
+
+
 def _worker_pools(
-    spec: DeploymentSpec, workers: str, labels: dict[str, str]
+    spec: DeploymentSpec, workers: str, labels: dict[str, str], layout: PodLayout
 ) -> list[dict[str, Any]]:
-    """The worker Deployments: one aggregated pool, or the prefill and decode pools of a
-    disaggregated deployment, each scaled by KEDA on its own pods' in-flight tokens."""
+    """The worker pools: one aggregated pool, or the prefill and decode pools of a
+    disaggregated deployment, each scaled by KEDA on its own pods' in-flight tokens. A pool is
+    a Deployment (one pod per engine) or, for multi-node engines, a LeaderWorkerSet (one group
+    of `layout.nodes` pods per engine)."""
     scaling = spec.autoscaling
     model = json.dumps(spec.model_name)
     if not spec.disaggregation.enabled:
@@ -222,8 +305,15 @@ def _worker_pools(
     for role, name, per_unit, component in roles:
         selector = {**labels, "app.kubernetes.io/component": component or "worker"}
         selector.pop("app.kubernetes.io/managed-by")
-        # A Deployment's pods are NAME-<replicaset hash>-<pod hash>.
+        # A Deployment's pods are NAME-<replicaset hash>-<pod hash>. (Multi-node pools are
+        # never disaggregated: pod_layout refuses it.)
         pods = f', pod=~"{name}-[a-z0-9]+-[a-z0-9]+"' if component else ""
+        service_selector = dict(selector)
+        if layout.multi_node and not layout.dp_attention:
+            # Only the leader serves HTTP (and exports metrics) for a tensor-parallel engine.
+            service_selector[LWS_WORKER_INDEX_LABEL] = "0"
+        # Engine groups: a deployment replica holds data_parallel_size multi-node engines.
+        per_unit *= layout.engines
         pools.append(
             {
                 "name": name,
@@ -231,6 +321,13 @@ def _worker_pools(
                 "per_unit": per_unit,
                 "selector": selector,
                 "labels": {**labels, **selector},
+                "kind": "LeaderWorkerSet" if layout.multi_node else "Deployment",
+                "api_version": LWS_API_VERSION if layout.multi_node else "apps/v1",
+                # LWS creates a headless Service named after itself for its pods' DNS (every
+                # pod, ready or not: the workers rendezvous there); the router's is another.
+                "service": f"{name}-http" if layout.multi_node else name,
+                "service_selector": service_selector,
+                "args": _worker_args(role, layout),
                 "min_replicas": scaling.min_replica * per_unit,
                 "max_replicas": scaling.max_replica * per_unit,
                 # Sum over the pool's workers of each one's in-flight tokens, averaged over
@@ -251,12 +348,10 @@ def _kubernetes(
     options: PackageOptions,
     context: dict[str, Any],
 ) -> dict[str, bytes]:
-    if spec.hardware.node_count > 1:
-        raise PackageError(
-            "multi-node replicas (resources.node_count > 1) have no Kubernetes manifests yet; "
-            "package with --target truss,docker"
-        )
+    layout = pod_layout(spec)
     base = k8s_name(spec.model_name)
+    if layout.multi_node:
+        base = base[: LWS_NAME_MAX - len("-worker")].rstrip("-")
     names = {
         "workers": f"{base}-worker",
         "router": f"{base}-router",
@@ -268,7 +363,7 @@ def _kubernetes(
     env_list = [{"name": k, "value": v} for k, v in sorted(spec.environment_variables.items())]
     env_list.append({"name": "BISLLM_SPEC", "value": "/etc/bisllm/spec.json"})
     percent, period, single_period = _scale_down_step(spec)
-    pools = _worker_pools(spec, names["workers"], labels)
+    pools = _worker_pools(spec, names["workers"], labels, layout)
     values = {
         **context,
         "names": names,
@@ -280,8 +375,14 @@ def _kubernetes(
         "spec_json": spec.to_json(),
         "manifests": dict(options.manifests),
         "prometheus_address": options.prometheus_address,
+        "layout": layout,
+        "rendezvous_port": RENDEZVOUS_PORT,
         "pools": pools,
-        "worker_targets": ",".join(f"{pool['name']}:{SERVER_PORT}" for pool in pools),
+        # A headless Service name resolves to every pod it selects; under DP attention each
+        # port is one more rank on each of them.
+        "worker_targets": ",".join(
+            f"{pool['service']}:{port}" for pool in pools for port in layout.http_ports
+        ),
         "scale_down_percent": percent,
         "scale_down_period": period,
         "single_replica_period": single_period,
