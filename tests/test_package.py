@@ -941,6 +941,8 @@ def test_dp_attention_serves_every_rank(tmp_path: Path, nodes: int) -> None:
         for probe in PROBES:
             assert pod[probe]["httpGet"]["port"] == "http"
         assert template["metadata"]["annotations"]["prometheus.io/port"] == "8000"
+        # One scrape per pod must count every rank: the first rank's node-wide page.
+        assert template["metadata"]["annotations"]["prometheus.io/path"] == "/metrics/node"
         assert pod["resources"]["limits"]["nvidia.com/gpu"] == 8
     services = [
         d

@@ -28,6 +28,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 from server_fixtures import REPO, TINY_CONFIG
 from test_router_live import Process, ready_workers, wait_until
 
@@ -294,6 +295,16 @@ def test_dp_attention_ranks_are_separate_kv_targets_of_a_standalone_router(tmp_p
         assert [t for _, t in again] == [t for _, t in first]
         for prompt in PROMPTS:
             assert route(router.url, prompt)[1] == expected[prompt]
+        # The pod's one scrape target (port PORT) reports both ranks, each under its label.
+        node = httpx.get(f"http://{addresses[0]}/metrics/node", timeout=10).text
+        served: dict[str, float] = {}
+        for family in text_string_to_metric_families(node):
+            for s in family.samples:
+                if s.name == "bisllm_requests_total":
+                    served[s.labels["rank"]] = served.get(s.labels["rank"], 0) + s.value
+        assert set(served) == {"0", "1"} and min(served.values()) > 0
+        own = httpx.get(f"http://{addresses[1]}/metrics", timeout=10).text
+        assert 'rank="1"' not in own  # a rank's own page stays unlabelled
     finally:
         if router is not None:
             router.stop()

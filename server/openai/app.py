@@ -33,7 +33,7 @@ from bisllm_server.openai.serving import OpenAIServing
 log = logging.getLogger("bisllm.server")
 
 # Probes and scrapers never need a key.
-OPEN_PATHS = frozenset({"/health", "/metrics", "/ping"})
+OPEN_PATHS = frozenset({"/health", "/metrics", "/metrics/node", "/ping"})
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

@@ -38,6 +38,7 @@ from bisllm_server.openai.launch import (
     build_server,
     engine_config,
 )
+from bisllm_server.openai.node_metrics import add_node_metrics_route
 
 log = logging.getLogger("bisllm.server")
 
@@ -131,6 +132,11 @@ def _serve(
     app, engine = build_server(
         args.spec, args.model_dir, options, rank=replace(rank, on_error=slot.engine_failed)
     )
+    if rank.tp.dp_attention and state.layout.local_rank == 0:
+        # One scrape target per pod for Prometheus' annotations: this node's every rank.
+        first = state.layout.rank
+        ranks = [(first + i, f"http://127.0.0.1:{p}") for i, p in enumerate(args.ports)]
+        add_node_metrics_route(app, ranks)
     slot.server = WorkerServer(
         uvicorn.Config(app, host=args.host, port=port, log_level=args.log_level)
     )
