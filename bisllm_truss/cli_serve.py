@@ -230,15 +230,21 @@ def serve(
         )
     parallel = _parallel_config(spec)
     ranked = parallel.world_size > 1
-    if ranked and (disaggregated or role in ("prefill", "decode")):
-        raise click.UsageError(
-            "disaggregated serving with tensor_parallel_size > 1 is not supported yet (K/V is "
-            "not handed between sharded engines); serve the config aggregated"
-        )
-    if ranked and parallel.attention_dp_size > 1 and workers is not None and role != "router":
+    dp_attention = ranked and parallel.attention_dp_size > 1 and role != "router"
+    if dp_attention and workers is not None:
         raise click.UsageError(
             "--workers with enable_attention_dp: each replica already serves one worker per "
             "attention rank behind the router; run replicas as separate `bisllm serve` processes"
+        )
+    if dp_attention and disaggregated:
+        raise click.UsageError(
+            "--disaggregated with enable_attention_dp: every rank is a worker of its pool; start "
+            "each pool's replicas with --role prefill|decode --no-router behind --role router"
+        )
+    if dp_attention and role in ("prefill", "decode") and not no_router:
+        raise click.UsageError(
+            f"--role {role} with enable_attention_dp needs --no-router: each rank is a "
+            f"{role} worker on its own port (PORT + local rank), listed to the router"
         )
     if role == "router":
         if not workers:

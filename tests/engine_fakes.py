@@ -54,4 +54,6 @@ def checksum_config(vocab_size: int = 64, max_len: int = 512) -> SimpleNamespace
         dtype=torch.float64,
         kv_value_dim=None,
         kv_shared=False,
+        kv_heads_total=1,
+        kv_heads_sharded=False,
     )

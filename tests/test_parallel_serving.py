@@ -30,14 +30,24 @@ import torch.distributed as dist
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from server_fixtures import REPO, TINY_CONFIG
+from test_disagg_live import PROMPTS as DISAGG_PROMPTS
+from test_disagg_live import assert_holds_no_pages, expected_completions, sample
+from test_disagg_live import complete as disagg_complete
+from test_engine_correctness import assert_no_leaked_pages
+from test_kv_handoff import decode, prefill, run_to_end
 from test_router_live import Process, ready_workers, wait_until
 
 from bisllm_server.engine.config import EngineConfig
 from bisllm_server.engine.engine import LLMEngine
+from bisllm_server.engine.kv_handoff import KVHandoff
 from bisllm_server.engine.parallel.launch import LaunchError, spawn_local
 from bisllm_server.engine.parallel.lockstep import StepFollower, StepInputs, StepLeader
 from bisllm_server.engine.parallel.state import ParallelConfig, ParallelState
-from bisllm_server.engine.parallel.tensor_parallel import engine_group
+from bisllm_server.engine.parallel.tensor_parallel import (
+    TensorParallelError,
+    engine_group,
+    kv_head_range,
+)
 from bisllm_server.engine.sampling import SamplingParams
 from bisllm_server.router.fleet import free_ports
 
@@ -160,6 +170,65 @@ def test_a_follower_that_drifts_stops_instead_of_computing_garbage():
         )
     assert failure.value.rank == 1
     assert "diverged from its leader before step 0" in str(failure.value)
+
+
+# -- K/V handoff between tensor-parallel engines, in process ------------------------------------
+
+
+HANDOFF_PROMPTS = [list(range(5, 45)), [7, 9, 11] * 15, list(range(100, 160, 2))]
+HANDOFF_SAMPLING = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+
+
+def handoff_config(path: Path) -> EngineConfig:
+    return EngineConfig(model=path, dtype="float32", page_size=4, max_batch_size=8)
+
+
+def _handoff_rank(state: ParallelState, path: Path, handoffs: list[KVHandoff]) -> dict[str, Any]:
+    """One rank of a TP=2 pair: prefill and export the prompts (its K/V gathered over the
+    ranks), then decode them from a one-rank engine's handoffs (each rank keeping its heads)."""
+    torch.set_num_threads(1)
+    llm = LLMEngine(handoff_config(path), tp=engine_group(state))
+    exported = prefill(llm, HANDOFF_PROMPTS)
+    rids = []
+    for i, (prompt, kv) in enumerate(zip(HANDOFF_PROMPTS, handoffs, strict=True)):
+        assert llm.reserve_kv(f"d{i}", prompt) is not None
+        rids.append(llm.add_request(prompt, HANDOFF_SAMPLING, kv=kv, request_id=f"d{i}"))
+    tokens = run_to_end([llm], rids)
+    assert_no_leaked_pages(llm)
+    return {"kv": [h.data.cpu() for h in exported], "tokens": tokens}
+
+
+@pytest.mark.parametrize("variant", ["qwen3_moe", "qwen3_moe_mqa", "deepseek_v3"])
+def test_tensor_parallel_engines_hand_off_every_kv_head(variant, checkpoint):
+    """A handoff carries every KV head whatever the sender's TP size: a TP=2 prefill exports
+    what a one-rank engine exports (heads gathered over the ranks; one shared KV head or
+    MLA's latent cache as is), and a TP=2 decode continues a one-rank engine's handoff with
+    its tokens (each rank writing its own heads)."""
+    path = checkpoint(variant)
+    single = LLMEngine(handoff_config(path))
+    handoffs = prefill(single, HANDOFF_PROMPTS)
+    expected = decode(
+        [LLMEngine(handoff_config(path))],
+        HANDOFF_PROMPTS,
+        [HANDOFF_SAMPLING] * len(HANDOFF_PROMPTS),
+        handoffs,
+    )
+    ranks = spawn_local(
+        _handoff_rank, ParallelConfig(tp_size=2), args=(path, handoffs), timeout_s=240
+    )
+    for rank in ranks:
+        for got, want in zip(rank["kv"], handoffs, strict=True):
+            assert got.shape == want.data.shape
+            torch.testing.assert_close(got, want.data.cpu(), atol=1e-4, rtol=1e-4)
+        assert rank["tokens"] == expected
+
+
+def test_kv_head_ranges_match_the_attention_shards():
+    assert [kv_head_range(8, 4, r) for r in range(4)] == [(0, 2), (2, 2), (4, 2), (6, 2)]
+    # Fewer KV heads than ranks: each rank caches the head its query heads read.
+    assert [kv_head_range(2, 8, r) for r in range(8)] == [(0, 1)] * 4 + [(1, 1)] * 4
+    with pytest.raises(TensorParallelError, match="num_key_value_heads = 3"):
+        kv_head_range(3, 2, 0)
 
 
 # -- bisllm serve, live --------------------------------------------------------------------------
@@ -351,12 +420,51 @@ def test_a_replica_spanning_two_nodes_serves_from_node_zero(tmp_path, expected):
             node.stop()
 
 
+def test_a_disaggregated_unit_of_tensor_parallel_workers(tmp_path):
+    """`--disaggregated` with tensor_parallel_size 2: a prefill and a decode worker, each two
+    ranks. The decode leader's page reservation happens on its follower too, the prefill
+    side's heads are gathered for the handoff and each decode rank keeps its own: long
+    prompts go remote and answer as one engine does, and no page stays pinned."""
+    config = write_config(
+        tmp_path,
+        "tp2-disagg",
+        is_disaggregated=True,
+        b10_disagg_config={"prefill_workers_per_replica": 1, "decode_workers_per_replica": 1},
+    )
+    process = serve(
+        config, tmp_path / "unit.log", "--disaggregated", "--max-local-prefill-tokens", "8"
+    )
+    try:
+        workers = {w["role"]: w["address"] for w in ready_workers(process, 2)}
+        long_prompts = DISAGG_PROMPTS[:3]
+        responses = [disagg_complete(process.url, p) for p in long_prompts]
+        assert [text(r) for r in responses] == expected_completions(CHECKPOINT, long_prompts)
+        assert {r.headers["x-bisllm-prefill-worker"] for r in responses} == {workers["prefill"]}
+        decode_url, prefill_url = (f"http://{workers[r]}" for r in ("decode", "prefill"))
+        assert sample(decode_url, "bisllm_kv_transfers_total") == len(long_prompts)
+        assert sample(prefill_url, "bisllm_kv_exported_bytes_total") > 0
+        for url in (decode_url, prefill_url):
+            assert_holds_no_pages(url)
+        ranks = rank_processes(process)
+    finally:
+        process.stop()  # a local unit's router exits as uvicorn does: by the signal
+    _, alive = psutil.wait_procs(ranks, timeout=30)
+    assert not alive, [p.pid for p in alive]
+
+
 def test_serve_refuses_what_a_parallel_replica_cannot_do(tmp_path):
-    config = write_config(tmp_path, "dp2-bad", enable_attention_dp=True)
+    config = write_config(
+        tmp_path,
+        "dp2-bad",
+        enable_attention_dp=True,
+        is_disaggregated=True,
+        b10_disagg_config={"prefill_workers_per_replica": 1, "decode_workers_per_replica": 1},
+    )
     cases = [
         (["--workers", "2"], "--workers with enable_attention_dp"),
         (["--nnodes", "2", "--master-addr", "127.0.0.1"], "NNODES 2 does not match"),
-        (["--role", "prefill"], "disaggregated serving with tensor_parallel_size > 1"),
+        (["--role", "prefill"], "--role prefill with enable_attention_dp needs --no-router"),
+        (["--disaggregated"], "--disaggregated with enable_attention_dp"),
     ]
     for args, message in cases:
         result = subprocess.run(

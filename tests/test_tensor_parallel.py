@@ -3,7 +3,8 @@ shard of the model, fed the same requests, produce exactly the greedy tokens of 
 single-process engine. The variants cover GQA heads split across ranks, one KV head shared
 by both ranks, dense and MoE layers with a tied head, row-parallel biases, and DeepSeek-V3's
 MLA heads (latent cache whole on each rank) with grouped routing and shared experts. Each
-rank reads only its slices of the checkpoint."""
+rank reads only its slices of the checkpoint. Under DP attention with whole experts per rank
+the experts exchange each rank's own tokens by all-to-all (`TPGroup.moe_all_to_all`)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from test_engine_correctness import IGNORE_EOS, MIN_TOKENS, assert_no_leaked_pag
 from test_spec_decode import PROMPTS
 
 from bisllm_server.engine.config import EngineConfig, EngineConfigError
-from bisllm_server.engine.engine import LLMEngine, RequestError
+from bisllm_server.engine.engine import LLMEngine
+from bisllm_server.engine.layers.mlp import SwiGLUMLP
 from bisllm_server.engine.loader import load_model
 from bisllm_server.engine.parallel.tensor_parallel import (
     TensorParallelError,
@@ -118,10 +120,7 @@ def test_what_tensor_parallelism_does_not_combine_with_yet_is_refused(checkpoint
     with pytest.raises(EngineConfigError, match="with tensor parallelism is not supported"):
         LLMEngine(settings, tp=TPGroup(0, 2))
     # A rank's shard builds without its peers (no collective runs before the first step).
-    shard = LLMEngine(config(path), tp=TPGroup(0, 2))
-    with pytest.raises(RequestError, match="with tensor parallelism is not supported"):
-        shard.add_request(PROMPTS[0], params(IGNORE_EOS), export_kv_from=0)
-    assert shard.reserve_kv("r", PROMPTS[0]) is None  # disaggregated requests prefill here
+    LLMEngine(config(path), tp=TPGroup(0, 2))
 
 
 def test_models_that_do_not_split_say_why(checkpoint):
@@ -199,55 +198,211 @@ DP_SHARES = {0: [0, 1, 2], 1: [3]}
 SHORT = 4  # rank 1's request's max_tokens
 
 
+def serve_dp_share(llm: LLMEngine, rank: int) -> tuple[list[list[int]], int, int]:
+    """This rank's share of the requests (DP_SHARES), stepped while any rank has work: the
+    tokens of each, the steps taken, and how many of them this rank idled through."""
+    cap = {} if rank == 0 else {"max_tokens": SHORT, "min_tokens": SHORT}
+    rids = [llm.add_request(PROMPTS[i], params(MODES[i], **cap)) for i in DP_SHARES[rank]]
+    tokens: dict[str, list[int]] = {rid: [] for rid in rids}
+    steps = idle = 0
+    while True:
+        # Every rank steps while any rank has work (the collectives need them all).
+        busy = torch.tensor([int(llm.has_unfinished_requests())])
+        dist.all_reduce(busy)
+        if not busy.item():
+            break
+        idle += not llm.has_unfinished_requests()
+        steps += 1
+        for out in llm.step():
+            tokens[out.request_id].extend(out.new_token_ids)
+    assert_no_leaked_pages(llm)
+    return [tokens[rid] for rid in rids], steps, idle
+
+
+def mlp_widths(model: Any) -> list[int]:
+    """The gate/up width of every dense MLP and shared expert: whole, or this rank's share."""
+    return [m.gate_up_proj.out_features for m in model.modules() if isinstance(m, SwiGLUMLP)]
+
+
 def _dp_rank(rank: int, path: str, port: int, results: Any, ep_size: int) -> None:
     with joined(rank, port):
         tp = TPGroup(rank, WORLD, ep_size=ep_size, dp_attention=True)
         llm = LLMEngine(config(path), tp=tp)
-        mine = DP_SHARES[rank]
-        cap = {} if rank == 0 else {"max_tokens": SHORT, "min_tokens": SHORT}
-        rids = [llm.add_request(PROMPTS[i], params(MODES[i], **cap)) for i in mine]
-        tokens: dict[str, list[int]] = {rid: [] for rid in rids}
-        steps = idle = 0
-        while True:
-            # Every rank steps while any rank has work (the collectives need them all).
-            busy = torch.tensor([int(llm.has_unfinished_requests())])
-            dist.all_reduce(busy)
-            if not busy.item():
-                break
-            idle += not llm.has_unfinished_requests()
-            steps += 1
-            for out in llm.step():
-                tokens[out.request_id].extend(out.new_token_ids)
-        assert_no_leaked_pages(llm)
-        results.put((rank, [tokens[rid] for rid in rids], steps, idle))
+        tokens, steps, idle = serve_dp_share(llm, rank)
+        widths = mlp_widths(llm.runner.model)
+        results.put((rank, tokens, steps, idle, dict(tp.calls), widths))
+
+
+def run_dp(fn: Any, path: str, *args: Any) -> dict[int, tuple[Any, ...]]:
+    """`fn(rank, path, port, results, *args)` on WORLD spawned ranks: rank -> its result."""
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    (port,) = free_ports(1)
+    mp.start_processes(
+        fn, args=(path, port, results, *args), nprocs=WORLD, join=True, start_method="spawn"
+    )
+    return dict((r[0], r[1:]) for r in (results.get(timeout=60) for _ in range(WORLD)))
 
 
 @pytest.mark.parametrize(
     ("variant", "ep_size"),
-    [("qwen3_moe", 1), ("deepseek_v3", 1), ("deepseek_v3", WORLD)],
-    ids=["qwen3_moe", "deepseek_v3", "deepseek_v3-ep2"],
+    [("qwen3_moe", 1), ("deepseek_v3", 1), ("qwen3_moe", WORLD), ("deepseek_v3", WORLD)],
+    ids=["qwen3_moe", "deepseek_v3", "qwen3_moe-ep2", "deepseek_v3-ep2"],
 )
 def test_dp_attention_ranks_serve_their_own_requests_with_the_single_process_tokens(
     variant, ep_size, checkpoint
 ):
     """DP attention over 2 ranks: each runs attention (GQA, or MLA with its latent cache)
-    whole on its own requests and KV; their tokens meet for the split MLP / MoE (with expert
-    parallelism too). Each request gets the single-process engine's tokens, including while
-    the other rank is idle."""
+    whole on its own requests and KV. Without expert parallelism their tokens meet for the
+    split MLP / MoE (gathered, then all-reduced); with EP=2 (whole experts per rank) each
+    rank sends only its own tokens' (token, expert) pairs to the experts' ranks and back by
+    all-to-all, with dense MLPs and shared experts whole on every rank. Each request gets the
+    single-process engine's tokens, including while the other rank is idle."""
     path = str(checkpoint(variant))
     loaded = load_model(path, dtype="float32")
     expected = generate(LLMEngine(config(path), model=loaded.model, model_config=loaded.config))
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    (port,) = free_ports(1)
-    mp.start_processes(
-        _dp_rank, args=(path, port, results, ep_size), nprocs=WORLD, join=True, start_method="spawn"
-    )
-    ranks = dict((r[0], r[1:]) for r in (results.get(timeout=60) for _ in range(WORLD)))
+    ranks = run_dp(_dp_rank, path, ep_size)
     assert ranks[0][0] == [expected[i] for i in DP_SHARES[0]]
     assert ranks[1][0] == [expected[3][:SHORT]]
     assert ranks[0][1] == ranks[1][1]  # they stepped together
     assert ranks[1][2] > 0 and ranks[0][2] == 0  # rank 1 idled while rank 0 went on
+    whole = mlp_widths(loaded.model)
+    for rank, (*_, calls, widths) in ranks.items():
+        if ep_size == WORLD:  # the all-to-all path, and nothing of the gather path
+            assert calls.get("all_to_all", 0) > 0, (rank, calls)
+            assert "gather_tokens" not in calls and "all_reduce" not in calls, (rank, calls)
+            assert widths == whole  # dense MLPs and shared experts replicated whole
+        else:
+            assert calls.get("gather_tokens", 0) > 0 and "all_to_all" not in calls, calls
+            assert widths == [w // WORLD for w in whole]
+    # Both ranks made the same exchanges, the idle one with no tokens.
+    assert ranks[0][-2] == ranks[1][-2]
+
+
+def test_all_to_all_expert_parallel_is_dp_attention_with_whole_experts_per_rank(checkpoint):
+    """The mode is on only where each rank holds whole experts and its own tokens; there the
+    dense MLPs and shared experts load whole, and the experts each rank's half."""
+    assert TPGroup(0, 2, ep_size=2, dp_attention=True).moe_all_to_all
+    assert not TPGroup(0, 2, ep_size=2).moe_all_to_all  # same tokens everywhere: all-reduce
+    assert not TPGroup(0, 2, dp_attention=True).moe_all_to_all  # experts split by columns
+    assert not TPGroup(0, 4, ep_size=2, dp_attention=True).moe_all_to_all
+    assert not TPGroup().moe_all_to_all
+    path = str(checkpoint("deepseek_v3"))
+    whole = load_model(path, dtype="float32").model
+    tp = TPGroup(1, WORLD, ep_size=WORLD, dp_attention=True)
+    shard = load_model(path, dtype="float32", tp=tp).model  # loads without its peer
+    dense = {n: m for n, m in whole.named_modules() if isinstance(m, SwiGLUMLP)}
+    assert dense and set(dense) == {n for n, m in shard.named_modules() if isinstance(m, SwiGLUMLP)}
+    for name, module in shard.named_modules():
+        if isinstance(module, SwiGLUMLP):
+            for pname, param in module.named_parameters():
+                assert torch.equal(param, dense[name].get_parameter(pname)), (name, pname)
+        elif getattr(module, "local_slots", None):
+            assert module.dispatch_group is tp and module.local_slots == (4, 4)
+            assert torch.equal(module.w13, whole.get_submodule(name).w13[4:])
+    assert not tp.calls  # nothing exchanged while loading
+
+
+def _a2a_layer_rank(rank: int, path: str, port: int, results: Any, paths: list[str]) -> None:
+    """Every MLP / MoE layer under all-to-all EP against the whole single-process layer, on
+    uneven random tokens per rank (none at all on one rank in some rounds), in fp32 and bf16."""
+    with joined(rank, port):
+        errors = []
+        rounds = [(5, 0), (3, 9), (0, 2), (0, 0)]  # tokens on (rank 0, rank 1)
+        for variant_path in [path, *paths]:
+            for dtype in (torch.float32, torch.bfloat16):
+                tp = TPGroup(rank, WORLD, ep_size=WORLD, dp_attention=True)
+                whole = load_model(variant_path, dtype=dtype).model
+                shard = load_model(variant_path, dtype=dtype, tp=tp, num_redundant_experts=2)
+                gen = torch.Generator().manual_seed(rank)
+                worst = 0.0
+                for counts in rounds:
+                    x = torch.randn(counts[rank], whole.config.hidden_size, generator=gen)
+                    x = x.to(dtype)
+                    for mine, ref in zip(shard.model.model.layers, whole.model.layers, strict=True):
+                        got, want = mine.feed_forward(x), ref.mlp(x)
+                        assert got.dtype == want.dtype == dtype and got.shape == want.shape
+                        if want.numel():
+                            scale = float(want.abs().max())
+                            worst = max(worst, float((got - want).abs().max()) / scale)
+                errors.append((Path(variant_path).name, str(dtype), worst, dict(tp.calls)))
+        results.put((rank, errors))
+
+
+def test_all_to_all_expert_layers_match_the_whole_layer_in_fp32_and_bf16(checkpoint):
+    """Layer by layer (dense, MoE with and without shared experts, grouped routing, two
+    redundant slots), on uneven tokens per rank including none: all-to-all EP computes what
+    the whole layer computes, to rounding, in fp32 and bf16."""
+    paths = [str(checkpoint("qwen3_moe")), str(checkpoint("deepseek_v3"))]
+    ranks = run_dp(_a2a_layer_rank, paths[0], paths[1:])
+    for rank, (errors,) in ranks.items():
+        for name, dtype, worst, calls in errors:
+            bound = 1e-5 if dtype == "torch.float32" else 2e-2
+            assert worst < bound, (rank, name, dtype, worst)
+            assert calls.get("all_to_all", 0) > 0 and "gather_tokens" not in calls, calls
+    assert [e[3] for e in ranks[0][0]] == [e[3] for e in ranks[1][0]]  # in step
+
+
+def _dp_eplb_rank(rank: int, path: str, port: int, results: Any) -> None:
+    with joined(rank, port):
+        settings = config(path)
+        settings.ep_num_redundant_experts = 2  # 8 experts in 10 slots, 5 per rank
+        settings.eplb_rebalance_interval = 3
+        tp = TPGroup(rank, WORLD, ep_size=WORLD, dp_attention=True)
+        llm = LLMEngine(settings, tp=tp)
+        balancer = llm.balancer
+        assert balancer is not None
+        local: list[int] = []  # this rank's own routed pairs in each rebalanced window
+        placements: list[list[list[int]]] = []
+        rebalance = balancer.rebalance
+
+        def spy() -> None:
+            local.append(int(balancer.recorder.load().sum()))
+            rebalance()
+            placements.append(balancer.placement.phy2log.tolist())
+
+        balancer.rebalance = spy  # type: ignore[method-assign]
+        tokens, _, _ = serve_dp_share(llm, rank)
+        results.put(
+            (
+                rank,
+                tokens,
+                balancer.rebalances,
+                balancer.experts_moved,
+                placements,
+                local,
+                llm.stats.expert_imbalance,
+                dict(tp.calls),
+            )
+        )
+
+
+def test_live_expert_rebalancing_under_dp_attention_all_to_all(checkpoint):
+    """DP attention + all-to-all EP=2 with two redundant slots, rebalanced every 3 passes
+    while the ranks serve different loads (rank 0 three requests, rank 1 one short one, then
+    nothing): each rank records only its own tokens, the window's counts are summed over the
+    ranks before balancing, so both compute the same placements; experts move mid-generation
+    and the tokens stay the single-process engine's."""
+    path = str(checkpoint("qwen3_moe"))
+    loaded = load_model(path, dtype="float32")
+    expected = generate(LLMEngine(config(path), model=loaded.model, model_config=loaded.config))
+    ranks = run_dp(_dp_eplb_rank, path)
+    assert ranks[0][0] == [expected[i] for i in DP_SHARES[0]]
+    assert ranks[1][0] == [expected[3][:SHORT]]
+    (_, rebalances0, _, placements0, local0, *_), (_, rebalances1, _, placements1, local1, *_) = (
+        ranks[0],
+        ranks[1],
+    )
+    assert rebalances0 == rebalances1 >= 3
+    assert placements0 == placements1  # the same placement every time, computed apart
+    assert local0 != local1 and local1[-1] == 0 < local0[-1]  # the ranks counted differently
+    assert sum(r[2] for r in ranks.values()) > 0  # experts moved
+    trivial = [i % 8 for i in range(10)]
+    assert any(layer != trivial for layer in placements0[-1])
+    for rank, (*_, imbalance, calls) in ranks.items():
+        assert 1.0 <= imbalance < 2.0, rank
+        assert calls.get("all_to_all", 0) > 0 and "gather_tokens" not in calls, calls
+        assert calls["all_reduce"] == len(local0)  # only the counts' sum, once per window
 
 
 def node_engine_tokens(state: Any, path: str) -> list[list[int]]:

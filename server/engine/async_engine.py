@@ -131,6 +131,14 @@ class AsyncEngine:
         self._wakeup.set()
         return await asyncio.wrap_future(future)
 
+    async def _reserve(self, rid: str, prompt_ids: list[int]) -> int | None:
+        """`reserve_kv` between steps (and on a lockstep leader's followers too)."""
+        if self.error is not None or not self.running:
+            raise EngineDeadError(f"the engine is not stepping (error: {self.error!r})")
+        future = self.engine.reserve_kv_later(rid, prompt_ids)
+        self._wakeup.set()
+        return await asyncio.wrap_future(future)
+
     async def _prefill_elsewhere(self, req: Request, kv_source: KVSource) -> None:
         """Reserve the pages, fetch the prompt's K/V, then queue the request (with the K/V if
         it came). Until queued, closing the stream cancels this; the abort that follows gives
@@ -138,7 +146,7 @@ class AsyncEngine:
         rid = req.request_id
         queued = False
         try:
-            reserved = await self.call(lambda: self.engine.reserve_kv(rid, req.prompt_ids))
+            reserved = await self._reserve(rid, req.prompt_ids)
             kv = None
             if reserved is None:
                 kv_source.unavailable("no_pages")  # it waits for pages like any request

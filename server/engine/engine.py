@@ -37,6 +37,7 @@ from bisllm_server.engine.loader import ModelConfig, load_model
 from bisllm_server.engine.model_runner import CausalModel, ModelRunner
 from bisllm_server.engine.models.decoder import DecoderForCausalLM
 from bisllm_server.engine.parallel.expert_balancer import ExpertBalancer
+from bisllm_server.engine.parallel.kv_shards import gather_kv_heads, local_kv_heads
 from bisllm_server.engine.parallel.lockstep import (
     MirroredRequest,
     StepChoices,
@@ -122,6 +123,12 @@ class LLMEngine:
             model, model_config = loaded.model, loaded.config
         assert model_config is not None, "model_config is required with an explicit model"
         self.model_config = model_config
+        # A K/V handoff carries every KV head (kv_shards.py), whatever either side's TP size.
+        self._handoff_heads = (
+            model_config.kv_heads_total
+            if model_config.kv_heads_sharded
+            else model_config.num_kv_heads
+        )
         self.tokenizer = load_tokenizer(config.model) if tokenizer is _LOAD_TOKENIZER else tokenizer
         self.device = torch.device(config.device)
         self.page_size = config.page_size
@@ -307,10 +314,6 @@ class LLMEngine:
         K/V of the prompt's pages k.. as `RequestOutput.kv` (the prefill side); `kv` starts
         the request from the K/V of a prefix of `prompt` computed elsewhere (the decode side),
         into the pages `reserve_kv` set aside under the same request_id, if any."""
-        if (export_kv_from is not None or kv is not None) and self.tp.size > 1:
-            raise RequestError(
-                "kv: handing K/V between engines with tensor parallelism is not supported yet"
-            )
         req = self.make_request(prompt, params, request_id=request_id, detokenize=detokenize)
         req.export_kv_from = export_kv_from
         self.submit(req, kv=kv)
@@ -344,9 +347,7 @@ class LLMEngine:
         local prefix cache already holds (the prefill side need not send those), or None if
         there is no room. The reservation is used by `add_request(..., kv=...,
         request_id=request_id)` and given back by `abort(request_id)`. Call it between steps
-        (from the stepping thread, e.g. through `call_between_steps`)."""
-        if self.tp.size > 1:
-            return None  # no K/V handoff under tensor parallelism yet: prefill locally
+        (from the stepping thread; from others, `reserve_kv_later`)."""
         if request_id in self._reservations or request_id in self._requests:
             raise RequestError(f"request_id {request_id!r} is already in use")
         # The prefix is the prompt less its last token, as the prefill side computes it; the
@@ -358,6 +359,16 @@ class LLMEngine:
         self.stats = self._snapshot(ScheduledBatch(), 0, 0.0, 0.0, 0.0)  # pages changed
         return reservation.num_matched_pages
 
+    def reserve_kv_later(
+        self, request_id: str, prompt_ids: Sequence[int]
+    ) -> concurrent.futures.Future:
+        """`reserve_kv` at the next step (thread-safe); its result lands in the future. A
+        lockstep leader's followers make the same reservation."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._inbox_lock:
+            self._inbox.append(("reserve", (request_id, list(prompt_ids), future)))
+        return future
+
     def call_between_steps(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run `fn` on the stepping thread before the next step (thread-safe): for what
         touches pages, like `reserve_kv`. Its result or exception lands in the future."""
@@ -367,11 +378,13 @@ class LLMEngine:
         return future
 
     def fail_calls(self, exc: BaseException) -> None:
-        """Fail every `call_between_steps` not run yet (the stepping thread is gone)."""
+        """Fail every `call_between_steps` and `reserve_kv_later` not run yet (the stepping
+        thread is gone)."""
         with self._inbox_lock:
-            calls = [item for kind, item in self._inbox if kind == "call"]
-            self._inbox = [(kind, item) for kind, item in self._inbox if kind != "call"]
-        for _, future in calls:
+            calls = [item for kind, item in self._inbox if kind in ("call", "reserve")]
+            self._inbox = [(k, item) for k, item in self._inbox if k not in ("call", "reserve")]
+        for item in calls:
+            future = item[-1]
             if future.set_running_or_notify_cancel():
                 future.set_exception(exc)
 
@@ -391,7 +404,7 @@ class LLMEngine:
             )
         pool = self.kv_pool
         expected = (pool.num_layers, 1 if pool.shared_kv else 2, pool.page_size)
-        expected += (pool.num_kv_heads, pool.head_dim)
+        expected += (self._handoff_heads, pool.head_dim)
         if (kv.data.shape[0], kv.data.shape[1], *kv.data.shape[3:]) != expected:
             raise RequestError(
                 f"kv: K/V layout {tuple(kv.data.shape)} does not match this model's cache"
@@ -409,6 +422,8 @@ class LLMEngine:
             # that the handoff starts at or before them)
             if kv.num_pages > first:
                 data = kv.data[:, :, first - kv.start_page :]
+                if self.model_config.kv_heads_sharded:
+                    data = local_kv_heads(data, self.tp, self.model_config.kv_heads_total)
                 self.kv_pool.import_pages(req.pages[first : kv.num_pages], data.to(self.device))
             req.kv_import = None
 
@@ -416,10 +431,14 @@ class LLMEngine:
         """The K/V of a finished request's prompt, from page `export_kv_from` on."""
         pages = -(-req.num_prompt_tokens // self.page_size)
         start = min(req.export_kv_from or 0, pages)
+        data = self.kv_pool.export_pages(req.pages[start:pages])
+        if self.model_config.kv_heads_sharded:
+            # A collective: every rank finishes the request in the same step.
+            data = gather_kv_heads(data, self.tp, self.model_config.kv_heads_total)
         return KVHandoff(
             prompt_ids=list(req.prompt_ids),
             page_size=self.page_size,
-            data=self.kv_pool.export_pages(req.pages[start:pages]),
+            data=data,
             start_page=start,
         )
 
@@ -746,31 +765,38 @@ class LLMEngine:
                 self.lockstep_stopped = True
                 return []
             check_digest(self.tp.rank, self._step, digest, inputs.digest)
-            return [
-                (kind, self._rebuild(item) if kind == "add" else item)
-                for kind, item in inputs.inbox
-            ]
+            return [(kind, self._unmirror(kind, item)) for kind, item in inputs.inbox]
         with self._inbox_lock:
             inbox, self._inbox = self._inbox, []
         if isinstance(self.lockstep, StepLeader):
             # Calls run on the leader alone: under tensor parallelism they leave pages alone.
-            shared = [
-                (kind, self._mirror(item) if kind == "add" else item)
-                for kind, item in inbox
-                if kind != "call"
-            ]
+            shared = [(kind, self._mirror(kind, item)) for kind, item in inbox if kind != "call"]
             self.lockstep.publish_inputs(StepInputs(digest, shared))
         return inbox
 
     @staticmethod
-    def _mirror(req: Request) -> MirroredRequest:
+    def _mirror(kind: str, item: Any) -> Any:
+        """An inbox item as the followers get it: requests rebuilt without what cannot
+        travel, reservations without the leader's future."""
+        if kind == "reserve":
+            return item[:2]
+        if kind != "add":
+            return item  # an abort's request id
+        req = item
         return MirroredRequest(
             req.request_id,
             list(req.prompt_ids),
             mirrored_params(req.params),
             req.arrival,
             req.detokenizer is not None,
+            export_kv_from=req.export_kv_from,
+            kv=req.kv_import,
         )
+
+    def _unmirror(self, kind: str, item: Any) -> Any:
+        if kind == "reserve":
+            return (*item, None)  # the follower's reservation reports to nobody
+        return self._rebuild(item) if kind == "add" else item
 
     def _rebuild(self, item: MirroredRequest) -> Request:
         """A follower's copy of a leader's request (it never samples: no generator)."""
@@ -779,6 +805,9 @@ class LLMEngine:
             req.detokenizer = IncrementalDetokenizer(
                 self.tokenizer, item.prompt_ids, item.params.skip_special_tokens
             )
+        req.export_kv_from = item.export_kv_from
+        if item.kv is not None:
+            self._accept_handoff(req, item.kv)  # the leader accepted it: so does this rank
         return req
 
     def _drain_inbox(self) -> list[RequestOutput]:
@@ -791,6 +820,18 @@ class LLMEngine:
                 self._requests[item.request_id] = item
                 self.scheduler.add(item)
                 self._totals["prompt"] += item.num_prompt_tokens
+            elif kind == "reserve":
+                rid, prompt_ids, reply = item
+                try:
+                    reserved = self.reserve_kv(rid, prompt_ids)
+                except RequestError as exc:
+                    if reply is None:
+                        raise  # a follower: the leader's reservation succeeded
+                    if reply.set_running_or_notify_cancel():
+                        reply.set_exception(exc)
+                else:
+                    if reply is not None and reply.set_running_or_notify_cancel():
+                        reply.set_result(reserved)
             elif kind == "call":
                 fn, future = item
                 if future.set_running_or_notify_cancel():  # False: its caller gave up

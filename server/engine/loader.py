@@ -63,6 +63,14 @@ class ModelConfig:
     dtype: torch.dtype
     kv_value_dim: int | None = None  # None: head_dim
     kv_shared: bool = False
+    # The whole model's KV heads; num_kv_heads is this rank's share under tensor parallelism
+    # (0: the same as num_kv_heads).
+    kv_heads_total: int = 0
+
+    @property
+    def kv_heads_sharded(self) -> bool:
+        """Whether this rank caches only some of the model's KV heads."""
+        return 0 < self.num_kv_heads < self.kv_heads_total
 
 
 @dataclass
@@ -194,6 +202,7 @@ def load_model(
     bos = hf.get("bos_token_id", text.get("bos_token_id"))
     cfg = model.config
     kv_heads, kv_dim, kv_value_dim, kv_shared = cfg.kv_cache_layout
+    kv_heads_total = kv_heads
     num_heads = cfg.num_heads
     if tp.size > 1:  # this rank's heads; MLA's latent cache is whole on every rank
         attention = model.model.layers[0].self_attn
@@ -215,6 +224,7 @@ def load_model(
         dtype=torch_dtype,
         kv_value_dim=kv_value_dim,
         kv_shared=kv_shared,
+        kv_heads_total=kv_heads_total,
     )
     seconds = time.perf_counter() - start
     log.info(

@@ -274,6 +274,10 @@ class FusedExperts(nn.Module):
         self.moe_index = 0  # this layer's position among the MoE layers (EPLB's layer)
         self.log2phy: torch.Tensor | None = None
         self.logcnt: torch.Tensor | None = None
+        # All-to-all expert parallel (TPGroup.moe_all_to_all): the group over which this
+        # rank's own tokens are sent to the ranks holding their experts, and back. None: the
+        # tokens are the same on every rank, and the caller all-reduces the partial sums.
+        self.dispatch_group: Any = None
         self.recorder: Any = None  # an eplb.ExpertLoadRecorder counting the routed experts
 
     def set_placement(
@@ -289,9 +293,60 @@ class FusedExperts(nn.Module):
     ) -> torch.Tensor:
         if self.recorder is not None:
             self.recorder.record(self.moe_index, topk_ids)
+        if self.dispatch_group is not None:
+            return self._forward_all_to_all(x, topk_ids, topk_weights)
         if self.local_slots is not None:
             return self._forward_local(x, topk_ids, topk_weights)
         return self._run(x, topk_ids, topk_weights)
+
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log2phy, logcnt) on `device`: moved once per placement, not per step."""
+        assert self.log2phy is not None and self.logcnt is not None
+        if self.log2phy.device != device:
+            self.log2phy = self.log2phy.to(device)
+            self.logcnt = self.logcnt.to(device)
+        return self.log2phy, self.logcnt
+
+    def _forward_all_to_all(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """The routed sum of this rank's own tokens, each (token, slot) pair run on the rank
+        holding the replica it picks (DeepEP's "normal" dispatch and combine, all-to-all):
+
+        1. Every pair picks one replica of its expert, by token index shifted by the rank (so
+           the ranks' first tokens do not all pick the same replica). The pairs are sorted by
+           physical slot, which, slots being laid out rank-major, sorts them by owner too.
+        2. Counts: every rank tells every other how many rows each of its slots will get.
+        3. Dispatch: the pairs' rows go to their slots' ranks; each rank runs its experts on
+           what it received, with unit weights.
+        4. Combine: the results come back in the order they were sent, and each token sums
+           its k results times its routing weights here, as the single-process layer does.
+
+        An idle rank (no tokens) takes part with zero rows; every rank makes the same number
+        of calls per layer, whatever its token count."""
+        group = self.dispatch_group
+        _, count = self.local_slots  # type: ignore[misc]  # slot p lives on rank p // count
+        log2phy, logcnt = self._tables(topk_ids.device)
+        num_tokens, top_k = topk_ids.shape
+        hidden = self.w2.shape[1]
+        tokens = torch.arange(num_tokens, device=topk_ids.device)[:, None]
+        replicas = logcnt[topk_ids]
+        physical = log2phy[topk_ids, (tokens + group.rank) % replicas].flatten()
+        order = torch.argsort(physical, stable=True)  # stable: token order inside a slot
+        per_slot = torch.bincount(physical, minlength=group.size * count)
+        per_slot = per_slot.view(group.size, count)
+        ones = [1] * group.size
+        # recv_per_slot[r, j]: rows rank r sends to this rank's slot j.
+        recv_per_slot = group.all_to_all(per_slot, ones, ones)
+        send, recv = per_slot.sum(1).tolist(), recv_per_slot.sum(1).tolist()  # host sync
+        rows = group.all_to_all(x[order // top_k], send, recv)
+        # Received rows come source rank by source rank, slot by slot inside each.
+        slot = torch.arange(count, device=x.device).repeat(group.size)
+        slot = slot.repeat_interleave(recv_per_slot.flatten().to(x.device))
+        y = self._run(rows, slot[:, None], rows.new_ones(rows.shape[0], 1))
+        back = group.all_to_all(y, recv, send)
+        pairs = torch.empty_like(back).index_copy_(0, order, back)  # back in pair order
+        return _weighted_sum(pairs.view(num_tokens, top_k, hidden), topk_weights)
 
     def _forward_local(
         self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
@@ -301,12 +356,8 @@ class FusedExperts(nn.Module):
         rank (they all see the same routing), so each pair runs exactly once somewhere. The
         pairs whose replica is here run as one-expert rows; the layer's all-reduce adds the
         other ranks' shares."""
-        assert self.log2phy is not None and self.logcnt is not None
         first, count = self.local_slots  # type: ignore[misc]
-        if self.log2phy.device != topk_ids.device:  # once per placement, not per step
-            self.log2phy = self.log2phy.to(topk_ids.device)
-            self.logcnt = self.logcnt.to(topk_ids.device)
-        log2phy, logcnt = self.log2phy, self.logcnt
+        log2phy, logcnt = self._tables(topk_ids.device)
         tokens = torch.arange(topk_ids.shape[0], device=topk_ids.device)[:, None]
         physical = log2phy[topk_ids, tokens % logcnt[topk_ids]]
         local = (physical >= first) & (physical < first + count)
@@ -372,7 +423,8 @@ class GroupedTopkRouter(nn.Module):
         scores = F.linear(x.float(), self.weight.float()).sigmoid()
         choice = scores + self.e_score_correction_bias.float()
         if self.topk_group < self.n_group:
-            groups = choice.view(x.shape[0], self.n_group, -1)
+            # Sizes spelled out: a view of no tokens cannot infer a -1 (idle DP ranks).
+            groups = choice.view(x.shape[0], self.n_group, choice.shape[1] // self.n_group)
             group_scores = groups.topk(2, dim=-1).values.sum(-1)
             keep = group_scores.topk(self.topk_group, dim=-1).indices
             mask = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)

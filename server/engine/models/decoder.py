@@ -159,7 +159,11 @@ class DecoderLayer(nn.Module):
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The MLP / MoE block over this rank's tokens; under DP attention it runs over every
-        rank's tokens (gathered), and this rank keeps its rows of the reduced result."""
+        rank's tokens (gathered), and this rank keeps its rows of the reduced result. Under
+        all-to-all expert parallelism (`TPGroup.moe_all_to_all`) the block is whole here but
+        for the routed experts, which send this rank's tokens to their ranks and back."""
+        if self.tp.moe_all_to_all:
+            return self.mlp(x)
         if not self.tp.dp_attention:
             return self.tp.all_reduce(self.mlp(x))
         rows, start, count = self.tp.gather_tokens(x)
@@ -284,7 +288,8 @@ class DecoderForCausalLM(nn.Module):
     @torch.no_grad()
     def idle_forward(self) -> None:
         """DP attention, a rank without a batch this step: take part in every layer's token
-        gather and reduce with no tokens of its own, as the busy ranks expect."""
+        gather and reduce (or, under all-to-all expert parallelism, every MoE layer's
+        exchanges) with no tokens of its own, as the busy ranks expect."""
         x = torch.empty(0, self.config.hidden_size, dtype=self.head_weight.dtype)
         x = x.to(self.head_weight.device)
         for layer in self.model.layers:

@@ -3,10 +3,15 @@
 
 Every rank of the group sees the same routing, because activations are the same on every rank,
 so every rank records the same counts. Each rank therefore computes the same new placement on
-its own, with no messages. A rank then reads, from the checkpoint, the experts that its slots
-newly hold (only its intermediate columns) and swaps in the new dispatch tables. This happens
-between two engine steps, so no request is dropped or paused for more than that step. The
-outputs do not change, because an expert computes the same function whichever slot holds it.
+its own, with no messages. Under all-to-all expert parallelism (`TPGroup.moe_all_to_all`: DP
+attention, each rank routing only its own tokens) the ranks' counts differ, so the window's
+counts are summed over the group first (one small all-reduce per rebalance, which every rank
+joins, idle or not); from the same sum every rank again computes the same placement.
+
+A rank then reads, from the checkpoint, the experts that its slots newly hold (only its
+intermediate columns) and swaps in the new dispatch tables. This happens between two engine
+steps, so no request is dropped or paused for more than that step. The outputs do not change,
+because an expert computes the same function whichever slot holds it.
 """
 
 from __future__ import annotations
@@ -69,6 +74,11 @@ class ExpertBalancer:
 
     def rebalance(self) -> None:
         load = self.recorder.load()
+        if self.tp.moe_all_to_all:
+            # This rank counted only its own tokens: sum every rank's window (before the
+            # early return below, so all ranks join), then all balance the same load.
+            device = self.layers[0][1].w13.device  # NCCL reduces on the GPU, gloo on the CPU
+            load = self.tp.all_reduce(load.to(device).contiguous()).cpu()
         if not load.any():
             return
         # Measured here, once per window, not every step: summing the window's counts costs

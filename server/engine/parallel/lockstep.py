@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
+from bisllm_server.engine.kv_handoff import KVHandoff
 from bisllm_server.engine.sampling import SampleOutput, SamplingParams
 
 # How long an idle tensor-parallel leader waits before sending an empty step: far below any
@@ -64,6 +65,9 @@ class MirroredRequest:
     params: SamplingParams
     arrival: int
     detokenize: bool
+    # Disaggregation: the prefill side's export, the decode side's handoff (every KV head).
+    export_kv_from: int | None = None
+    kv: KVHandoff | None = None
 
 
 def mirrored_params(params: SamplingParams) -> SamplingParams:

@@ -19,6 +19,12 @@ Each rank of a TP group holds a slice of every large matrix:
   experts on the tokens routed to them, and the layer's all-reduce combines the partial sums:
   the dispatch and combine of pure TP + EP need no all-to-all. Each expert's intermediate
   columns are still split over the `size / ep_size` ranks of its group.
+- **All-to-all expert parallel** (`moe_all_to_all`: DP attention with `ep_size == size`): the
+  tokens differ per rank and every rank holds whole experts, so no token needs to visit every
+  rank. Each rank routes its own tokens and sends each (token, expert) pair's row to the rank
+  holding the chosen replica (`all_to_all_single`), which runs it and sends the result back
+  (DeepEP's "normal" dispatch / combine). Dense MLPs and shared experts are replicated whole
+  (SGLang's moe_dense_tp_size = 1), so no layer gathers tokens or all-reduces.
 
 KV heads are split like query heads when there are at least as many as ranks. With fewer
 (GQA with 4 KV heads on 8 ranks), each rank keeps the one KV head its query heads read, so
@@ -34,6 +40,7 @@ slices, not even read from disk).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,8 +66,27 @@ class TPGroup:
     # size / ep_size ranks by intermediate columns (1: every rank has a slice of every expert).
     ep_size: int = 1
     # DP attention: every rank runs attention whole, on its own requests and KV cache; the
-    # tokens of all ranks are gathered for the (split) MLP / MoE layers and scattered back.
+    # tokens of all ranks are gathered for the (split) MLP / MoE layers and scattered back,
+    # or, with whole experts per rank, exchanged by all-to-all (`moe_all_to_all`).
     dp_attention: bool = False
+    # The collectives this rank ran, by kind ("all_reduce", "gather_tokens", "all_to_all",
+    # "all_gather"): which path the layers take, visible to tests and debugging.
+    calls: Counter[str] = field(default_factory=Counter, compare=False, repr=False)
+
+    @property
+    def moe_all_to_all(self) -> bool:
+        """Expert parallelism by all-to-all dispatch and combine (DeepEP's "normal" mode):
+        DP attention with every rank holding whole experts (ep_size == size, so moe_tp_size
+        is 1). Each rank routes its own tokens and sends each (token, expert) pair to the rank
+        holding the chosen replica; dense MLPs and shared experts are replicated whole, so no
+        layer gathers all tokens or all-reduces.
+
+        The other combinations keep the all-reduce: without DP attention every rank already
+        holds every token (the activations are identical), so there is nothing to dispatch,
+        and a partial-sum all-reduce is the combine. With DP attention but ep_size < size each
+        expert's columns are split over several ranks, which must all see the same tokens, so
+        the tokens are gathered and the partial sums reduced."""
+        return self.dp_attention and self.size > 1 and self.ep_size == self.size
 
     @property
     def moe_tp_size(self) -> int:
@@ -84,11 +110,25 @@ class TPGroup:
         return self.rank * length, length
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size > 1:
+            self.calls["all_reduce"] += 1
         return all_reduce(x, self.group, self.size)
+
+    def all_to_all(
+        self, x: torch.Tensor, send_splits: list[int], recv_splits: list[int]
+    ) -> torch.Tensor:
+        """Send the first send_splits[0] rows of `x` to rank 0, the next send_splits[1] to
+        rank 1, ...; returns the rows received, recv_splits[r] from rank r, in rank order.
+        Every rank of the group must call it, an idle one with zero splits."""
+        self.calls["all_to_all"] += 1
+        out = x.new_empty(sum(recv_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=self.group)
+        return out
 
     def gather_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """Every rank's rows of `x` ([T_rank, H], T differing by rank, 0 for an idle rank),
         in rank order, and where this rank's rows start in them and how many there are."""
+        self.calls["gather_tokens"] += 1
         counts = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
         dist.all_gather(counts, torch.tensor([x.shape[0]]), group=self.group)
         sizes = [int(c) for c in counts]
@@ -101,6 +141,8 @@ class TPGroup:
         return rows, sum(sizes[: self.rank]), x.shape[0]
 
     def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        if self.size > 1:
+            self.calls["all_gather"] += 1
         return all_gather(x, self.group, self.size, dim)
 
 
@@ -184,7 +226,9 @@ class TPSlices:
 def shard_model(model: nn.Module, tp: TPGroup, num_redundant_experts: int = 0) -> TPSlices:
     """Rewrite `model` (a DecoderForCausalLM on the meta device) into this rank's shard.
     Under expert parallelism each MoE layer has num_experts + `num_redundant_experts`
-    physical slots, first laid out trivially (slot i holds expert i % num_experts)."""
+    physical slots, first laid out trivially (slot i holds expert i % num_experts). Under
+    all-to-all expert parallelism (`TPGroup.moe_all_to_all`) the dense MLPs and shared experts
+    are left whole, and the experts exchange tokens through the group."""
     from bisllm_server.engine.layers.mlp import SwiGLUMLP
     from bisllm_server.engine.layers.moe import FusedExperts
     from bisllm_server.engine.models.decoder import Attention, DecoderLayer
@@ -202,7 +246,10 @@ def shard_model(model: nn.Module, tp: TPGroup, num_redundant_experts: int = 0) -
             if not tp.dp_attention:
                 _shard_attention(module, prefix, tp, out)
         elif isinstance(module, SwiGLUMLP):
-            _shard_mlp(module, prefix, tp, out)
+            # All-to-all EP: dense MLPs and shared experts stay whole (and are read whole),
+            # so they run on this rank's own tokens with no collective.
+            if not tp.moe_all_to_all:
+                _shard_mlp(module, prefix, tp, out)
         elif isinstance(module, FusedExperts):
             _shard_experts(module, prefix, tp, out, num_redundant_experts)
         elif isinstance(module, DecoderLayer):
@@ -228,19 +275,28 @@ def _row_parallel(
     return nn.Linear(in_len, linear.out_features, bias=bias)
 
 
+def kv_head_range(total: int, size: int, rank: int) -> tuple[int, int]:
+    """(first, count) of the KV heads rank `rank` of `size` caches, out of `total`: an equal
+    share when there are at least as many heads as ranks, else the one head its query heads
+    read (each head then cached by size / total ranks)."""
+    if total >= size:
+        if total % size:
+            raise TensorParallelError(
+                f"num_key_value_heads = {total} does not divide over tensor_parallel_size {size}"
+            )
+        return rank * (total // size), total // size
+    if size % total:
+        raise TensorParallelError(
+            f"num_key_value_heads = {total} neither divides over nor into "
+            f"tensor_parallel_size {size}"
+        )
+    return rank * total // size, 1
+
+
 def _shard_attention(attn: Any, prefix: str, tp: TPGroup, out: TPSlices) -> None:
     d = attn.head_dim
     q_start, q_heads = tp.split(attn.num_heads, "num_attention_heads")
-    kv = attn.num_kv_heads
-    if kv >= tp.size:
-        kv_start, kv_heads = tp.split(kv, "num_key_value_heads")
-    elif tp.size % kv == 0:
-        kv_start, kv_heads = tp.rank * kv // tp.size, 1  # the KV head this rank's queries read
-    else:
-        raise TensorParallelError(
-            f"num_key_value_heads = {kv} neither divides over nor into tensor_parallel_size "
-            f"{tp.size}"
-        )
+    kv_start, kv_heads = kv_head_range(attn.num_kv_heads, tp.size, tp.rank)
     qkv = attn.qkv_proj
     attn.qkv_proj = nn.Linear(
         qkv.in_features, (q_heads + 2 * kv_heads) * d, bias=qkv.bias is not None
@@ -319,6 +375,8 @@ def _shard_experts(
         slots.columns = (start, length)
         out.experts[prefix.removesuffix(".")] = slots
         experts.set_placement(index, placement.log2phy[0], placement.logcnt[0], first, count)
+        if tp.moe_all_to_all:
+            experts.dispatch_group = tp  # tokens go to their experts' ranks and back
     experts.w13 = nn.Parameter(torch.empty(count, 2 * length, hidden))
     experts.w2 = nn.Parameter(torch.empty(count, hidden, length))
     if moe_tp.size > 1:
