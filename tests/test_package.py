@@ -1098,13 +1098,51 @@ MULTI_NODE_REFUSED = {
         parallel_config(gpus=8, tp=8, nodes=2, dp=2),
         ["data_parallel_size 2", "node_count 2", "node_count: 1"],
     ),
-    "disaggregated": (
+}
+
+
+def test_multi_node_disaggregated_pools_are_leader_worker_sets(tmp_path: Path) -> None:
+    """Prefill and decode workers spanning two nodes each: one LeaderWorkerSet per pool, its
+    pods started in their role with the rendezvous arguments, the router listing both pools'
+    leaders, and each pool's KEDA query selecting its own set's pods."""
+    documents, _ = package_k8s(
+        tmp_path,
         parallel_config(gpus=8, tp=16, nodes=2)
         + "  is_disaggregated: true\n  b10_disagg_config:\n"
-        + "    prefill_workers_per_replica: 1\n    decode_workers_per_replica: 1\n",
-        ["resources.node_count", "llm_config.is_disaggregated"],
-    ),
-}
+        + "    prefill_workers_per_replica: 1\n    decode_workers_per_replica: 2\n",
+    )
+    sets = {d["metadata"]["name"]: d for d in documents if d["kind"] == "LeaderWorkerSet"}
+    assert len(sets) == 2
+    roles = {}
+    for name, lws in sets.items():
+        validate_lws(lws)
+        group = lws["spec"]["leaderWorkerTemplate"]
+        assert group["size"] == 2
+        args = container(group["leaderTemplate"])["args"]
+        role = args[args.index("--role") + 1]
+        roles[role] = name
+        assert container(group["workerTemplate"])["args"] == args
+        assert "--node-rank" in args and "--no-router" not in args
+    assert set(roles) == {"prefill", "decode"}
+    assert [t.split(":")[0] for t in router_targets(documents)] == [
+        f"{roles['prefill']}-http",
+        f"{roles['decode']}-http",
+    ]
+    scaled = {
+        d["spec"]["scaleTargetRef"]["name"]: d for d in documents if d["kind"] == "ScaledObject"
+    }
+    assert set(scaled) == set(roles.values())
+    for name, scaler in scaled.items():
+        assert scaler["spec"]["scaleTargetRef"]["kind"] == "LeaderWorkerSet"
+        query = scaler["spec"]["triggers"][0]["metadata"]["query"]
+        pods = re.search(r'pod=~"([^"]+)"', query).group(1)
+        assert re.fullmatch(pods, f"{name}-0") and re.fullmatch(pods, f"{name}-3-1")
+        other = next(n for n in roles.values() if n != name)
+        assert not re.fullmatch(pods, f"{other}-0")
+    assert (
+        scaled[roles["decode"]]["spec"]["minReplicaCount"]
+        == 2 * scaled[roles["prefill"]]["spec"]["minReplicaCount"]
+    )
 
 
 @pytest.mark.parametrize(

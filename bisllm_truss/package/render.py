@@ -250,14 +250,6 @@ def pod_layout(spec: DeploymentSpec) -> PodLayout:
             f"Kubernetes manifest; set node_count: 1 and data_parallel_size: {dp // nodes}, "
             f"and multiply min_replica and max_replica by {nodes}"
         )
-    if nodes > 1 and spec.disaggregation.enabled:
-        # `bisllm serve` does not hand K/V between sharded engines, and a multi-node engine
-        # is always sharded.
-        raise PackageError(
-            f"resources.node_count {nodes} with llm_config.is_disaggregated: disaggregated "
-            "serving does not combine with multi-node (tensor-parallel) engines yet; serve "
-            "the config aggregated (is_disaggregated: false) or on one node"
-        )
     multi_node = config.node_count > 1
     # With DP attention each rank on a pod serves HTTP on 8000 + its local rank.
     ports = config.procs_per_node if parallel.enable_attention_dp else 1
@@ -305,9 +297,10 @@ def _worker_pools(
     for role, name, per_unit, component in roles:
         selector = {**labels, "app.kubernetes.io/component": component or "worker"}
         selector.pop("app.kubernetes.io/managed-by")
-        # A Deployment's pods are NAME-<replicaset hash>-<pod hash>. (Multi-node pools are
-        # never disaggregated: pod_layout refuses it.)
-        pods = f', pod=~"{name}-[a-z0-9]+-[a-z0-9]+"' if component else ""
+        # A Deployment's pods are NAME-<replicaset hash>-<pod hash>; a LeaderWorkerSet's
+        # NAME-<group> (leaders) and NAME-<group>-<index> (the other nodes).
+        pod_names = "[0-9]+(-[0-9]+)?" if layout.multi_node else "[a-z0-9]+-[a-z0-9]+"
+        pods = f', pod=~"{name}-{pod_names}"' if component else ""
         service_selector = dict(selector)
         if layout.multi_node and not layout.dp_attention:
             # Only the leader serves HTTP (and exports metrics) for a tensor-parallel engine.
