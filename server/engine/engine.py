@@ -13,6 +13,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -790,7 +791,11 @@ class LLMEngine:
             req.arrival,
             req.detokenizer is not None,
             export_kv_from=req.export_kv_from,
-            kv=req.kv_import,
+            # Pickled to the followers: from host memory, so none of them unpickles it onto
+            # the leader's GPU.
+            kv=None
+            if req.kv_import is None
+            else replace(req.kv_import, data=req.kv_import.data.cpu()),
         )
 
     def _unmirror(self, kind: str, item: Any) -> Any:
