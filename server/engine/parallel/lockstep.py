@@ -26,6 +26,7 @@ sends an empty step every `heartbeat_s`, and DP-attention ranks poll every `poll
 
 from __future__ import annotations
 
+import pickle
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -43,6 +44,9 @@ HEARTBEAT_S = 30.0
 # How often an idle DP-attention rank checks whether a peer has work: the added latency of a
 # request that reaches an idle replica.
 DP_POLL_S = 0.005
+# Step messages up to this size take one broadcast (a decode step's are a few hundred bytes).
+INLINE_BYTES = 64 * 1024
+_HEADER = 8  # the message's length, an int64
 
 
 class LockstepError(RuntimeError):
@@ -98,14 +102,39 @@ class StepChoices:
 
 
 class _Channel:
+    """Pickled objects from the leader to its followers. A message that fits `INLINE_BYTES`
+    travels in one broadcast of a fixed-size buffer (its length first); a larger one (new
+    long prompts, a K/V handoff) in a second broadcast of exactly its size. torch's
+    broadcast_object_list always takes two, and a step sends two messages."""
+
     def __init__(self, group: Any, leader: int) -> None:
         self.group = group  # a gloo process group of the leader and its followers
         self.leader = leader  # the leader's global rank
+        self._buffer = torch.zeros(INLINE_BYTES + _HEADER, dtype=torch.uint8)
 
     def _broadcast(self, obj: Any = None) -> Any:
-        box = [obj]
-        dist.broadcast_object_list(box, src=self.leader, group=self.group)
-        return box[0]
+        buffer = self._buffer
+        sending = dist.get_rank() == self.leader
+        if sending:
+            payload = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+            buffer[:_HEADER] = torch.tensor([len(payload)], dtype=torch.int64).view(torch.uint8)
+            if len(payload) <= INLINE_BYTES:
+                buffer[_HEADER : _HEADER + len(payload)] = torch.frombuffer(
+                    bytearray(payload), dtype=torch.uint8
+                )
+        dist.broadcast(buffer, src=self.leader, group=self.group)
+        size = int(buffer[:_HEADER].view(torch.int64))
+        if size <= INLINE_BYTES:
+            if sending:
+                return obj
+            return pickle.loads(buffer[_HEADER : _HEADER + size].numpy().tobytes())
+        large = (
+            torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            if sending
+            else torch.empty(size, dtype=torch.uint8)
+        )
+        dist.broadcast(large, src=self.leader, group=self.group)
+        return obj if sending else pickle.loads(large.numpy().tobytes())
 
 
 class StepLeader(_Channel):
