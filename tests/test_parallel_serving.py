@@ -42,7 +42,12 @@ from bisllm_server.engine.config import EngineConfig
 from bisllm_server.engine.engine import LLMEngine
 from bisllm_server.engine.kv_handoff import KVHandoff
 from bisllm_server.engine.parallel.launch import LaunchError, spawn_local
-from bisllm_server.engine.parallel.lockstep import StepFollower, StepInputs, StepLeader
+from bisllm_server.engine.parallel.lockstep import (
+    INLINE_BYTES,
+    StepFollower,
+    StepInputs,
+    StepLeader,
+)
 from bisllm_server.engine.parallel.state import ParallelConfig, ParallelState
 from bisllm_server.engine.parallel.tensor_parallel import (
     TensorParallelError,
@@ -159,6 +164,26 @@ def test_a_follower_ends_every_request_as_its_leader_does():
         [PROMPTS[0]], SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
     )
     assert leader["tokens"]["greedy"] == expected.token_ids
+
+
+def _channel_rank(state: ParallelState) -> list[Any]:
+    control = dist.new_group([0, 1], backend="gloo")
+    messages = [
+        StepInputs(digest=(1, 2, 3)),  # a decode step's: one broadcast
+        StepInputs(digest=(4,), inbox=[("abort", "x" * (INLINE_BYTES + 1))]),  # two
+        {"kv": torch.arange(100_000, dtype=torch.float32)},  # a handoff's tensor
+    ]
+    if state.layout.rank == 0:
+        leader = StepLeader(control, 0)
+        return [leader._broadcast(m) for m in messages]
+    follower = StepFollower(control, 0)
+    return [follower._broadcast() for _ in messages]
+
+
+def test_step_messages_small_and_large_reach_the_follower_whole():
+    sent, received = spawn_local(_channel_rank, ParallelConfig(tp_size=2), timeout_s=120)
+    assert received[:2] == sent[:2]
+    assert torch.equal(received[2]["kv"], sent[2]["kv"])
 
 
 def test_a_follower_that_drifts_stops_instead_of_computing_garbage():

@@ -248,6 +248,7 @@ class DPAttentionPacer:
 
 
 __all__ = [
+    "INLINE_BYTES",
     "DPAttentionPacer",
     "LeaderPacer",
     "LocalPacer",
