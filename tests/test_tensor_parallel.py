@@ -123,6 +123,20 @@ def test_what_tensor_parallelism_does_not_combine_with_yet_is_refused(checkpoint
     LLMEngine(config(path), tp=TPGroup(0, 2))
 
 
+@pytest.mark.parametrize("variant", ["qwen3_moe", "qwen3_moe_mixed"])  # untied, tied head
+def test_each_rank_holds_its_share_of_the_vocabulary(variant, checkpoint):
+    """The embedding (and so a tied head) and the head are split by vocabulary rows: rank 1
+    holds the second half, read from the checkpoint, and no rank holds vocab x hidden."""
+    path = str(checkpoint(variant))
+    whole = load_model(path, dtype="float32").model
+    shard = load_model(path, dtype="float32", tp=TPGroup(1, 2)).model  # no collective to load
+    vocab = whole.config.vocab_size
+    embed = shard.model.embed_tokens.weight
+    assert embed.shape[0] == vocab // 2
+    torch.testing.assert_close(embed, whole.model.embed_tokens.weight[vocab // 2 :])
+    torch.testing.assert_close(shard.head_weight, whole.head_weight[vocab // 2 :])
+
+
 def test_models_that_do_not_split_say_why(checkpoint):
     with pytest.raises(TensorParallelError, match="num_attention_heads = 4 does not divide"):
         load_model(checkpoint("qwen3_moe"), dtype="float32", tp=TPGroup(0, 3))

@@ -255,8 +255,9 @@ class DecoderForCausalLM(nn.Module):
             if cfg.num_mtp_layers
             else None
         )
-        # Tensor parallel (parallel/tensor_parallel.py): the head holds this rank's share of
-        # the vocabulary, gathered into full logits; what the loader reads of each tensor.
+        # Tensor parallel (parallel/tensor_parallel.py): the embedding and the head hold this
+        # rank's share of the vocabulary, the logits are gathered; what the loader reads of
+        # each tensor.
         self.tp: TPGroup = SINGLE
         self.tp_slices: TPSlices | None = None
 
@@ -281,7 +282,7 @@ class DecoderForCausalLM(nn.Module):
             capture.aux = torch.cat(aux, dim=-1) if aux else None
             hidden = capture.final[batch.logits_indices]
         logits = F.linear(hidden, self.head_weight)
-        if self.lm_head is not None and not self.tp.dp_attention:  # a vocab-parallel head
+        if not self.tp.dp_attention:  # each rank scored its share of the vocabulary
             logits = self.tp.all_gather(logits, dim=-1)
         return logits.float()
 

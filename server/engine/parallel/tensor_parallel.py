@@ -4,11 +4,14 @@ Each rank of a TP group holds a slice of every large matrix:
 - **Column-parallel** (output rows split): the fused qkv projection (this rank's attention
   heads), the dense and shared-expert gate/up projections, every expert's gate/up rows, and the
   LM head (its share of the vocabulary; the logits are gathered).
+- **Vocab-parallel embedding**: each rank holds its share of the vocabulary's rows (the same
+  share as the head's; a tied head is this very shard). A token embeds to zeros on the ranks
+  that do not hold it, and an all-reduce adds the one that does.
 - **Row-parallel** (input columns split): the attention output projection, the down
   projections and every expert's down columns. Each rank's output is a partial sum, so a
   decoder layer all-reduces once after attention and once after its MLP / MoE block. Biases
   of row-parallel layers live on rank 0 only, so they are added once.
-- **Replicated**: embeddings, norms, routers.
+- **Replicated**: norms, routers.
 - **DP attention** (`dp_attention`): attention is not split; every rank serves its own
   requests with its own scheduler and KV cache. Before each MLP / MoE block the ranks' tokens
   are gathered (padded to the longest), the split block runs on all of them, the partial sums
@@ -46,6 +49,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from bisllm_server.engine.parallel.state import all_gather, all_reduce
@@ -254,15 +258,38 @@ def shard_model(model: nn.Module, tp: TPGroup, num_redundant_experts: int = 0) -
             _shard_experts(module, prefix, tp, out, num_redundant_experts)
         elif isinstance(module, DecoderLayer):
             module.tp = tp  # all-reduces its attention and MLP outputs
-    head = getattr(model, "lm_head", None)
-    # A tied head is the (replicated) embedding: nothing to gather. Under DP attention each
-    # rank's logits are for its own tokens, so the head stays whole.
-    if head is not None and not tp.dp_attention:
-        start, length = tp.split(head.out_features, "vocab_size")
-        model.lm_head = nn.Linear(head.in_features, length, bias=False)
-        out.add("lm_head.weight", "all", 0, start, length)
+    # Under DP attention each rank embeds and scores its own tokens: embedding and head stay
+    # whole. Otherwise both hold this rank's share of the vocabulary (a tied head is the
+    # embedding shard), and the logits are gathered.
+    if not tp.dp_attention:
+        embed = model.model.embed_tokens
+        start, length = tp.split(embed.num_embeddings, "vocab_size")
+        model.model.embed_tokens = VocabParallelEmbedding(start, length, embed.embedding_dim, tp)
+        out.add("model.embed_tokens.weight", "all", 0, start, length)
+        head = getattr(model, "lm_head", None)
+        if head is not None:
+            model.lm_head = nn.Linear(head.in_features, length, bias=False)
+            out.add("lm_head.weight", "all", 0, start, length)
     model.tp = tp  # gathers the vocabulary shards of the logits
     return out
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows start .. start + length - 1 of the embedding matrix. A token outside them embeds
+    to zeros here, and the all-reduce adds the rank that holds it: one all-reduce of [T,
+    hidden] instead of every rank holding vocab x hidden."""
+
+    def __init__(self, start: int, length: int, hidden: int, tp: TPGroup) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(length, hidden))
+        self.start = start
+        self.tp = tp
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        local = input_ids - self.start
+        here = (local >= 0) & (local < self.weight.shape[0])
+        x = F.embedding(torch.where(here, local, 0), self.weight)
+        return self.tp.all_reduce(x * here.unsqueeze(-1).to(x.dtype))
 
 
 def _row_parallel(
