@@ -19,7 +19,7 @@ import itertools
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from bisllm_server.engine.engine import LLMEngine, RequestError
 from bisllm_server.engine.kv_handoff import KVHandoff
@@ -28,8 +28,6 @@ from bisllm_server.engine.request import Request, RequestOutput
 from bisllm_server.engine.sampling import SamplingParams
 
 log = logging.getLogger("bisllm.server")
-
-T = TypeVar("T")
 
 
 class KVSource(Protocol):
@@ -123,14 +121,6 @@ class AsyncEngine:
         self._wakeup.set()
         return RequestStream(self, rid, queue)
 
-    async def call(self, fn: Callable[[], T]) -> T:
-        """`fn()` run on the stepping thread between steps (see call_between_steps)."""
-        if self.error is not None or not self.running:
-            raise EngineDeadError(f"the engine is not stepping (error: {self.error!r})")
-        future = self.engine.call_between_steps(fn)
-        self._wakeup.set()
-        return await asyncio.wrap_future(future)
-
     async def _reserve(self, rid: str, prompt_ids: list[int]) -> int | None:
         """`reserve_kv` between steps (and on a lockstep leader's followers too)."""
         if self.error is not None or not self.running:
@@ -216,7 +206,7 @@ class AsyncEngine:
         except BaseException as exc:  # the thread must report, not vanish
             self.error = exc
             dead = EngineDeadError(f"engine step failed: {exc!r}")
-            self.engine.fail_calls(dead)
+            self.engine.fail_reservations(dead)
             with self._lock:
                 ids = list(self._streams)
             for rid in ids:

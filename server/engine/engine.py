@@ -12,7 +12,7 @@ import concurrent.futures
 import itertools
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -370,22 +370,12 @@ class LLMEngine:
             self._inbox.append(("reserve", (request_id, list(prompt_ids), future)))
         return future
 
-    def call_between_steps(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
-        """Run `fn` on the stepping thread before the next step (thread-safe): for what
-        touches pages, like `reserve_kv`. Its result or exception lands in the future."""
-        future: concurrent.futures.Future = concurrent.futures.Future()
+    def fail_reservations(self, exc: BaseException) -> None:
+        """Fail every `reserve_kv_later` not run yet (the stepping thread is gone)."""
         with self._inbox_lock:
-            self._inbox.append(("call", (fn, future)))
-        return future
-
-    def fail_calls(self, exc: BaseException) -> None:
-        """Fail every `call_between_steps` and `reserve_kv_later` not run yet (the stepping
-        thread is gone)."""
-        with self._inbox_lock:
-            calls = [item for kind, item in self._inbox if kind in ("call", "reserve")]
-            self._inbox = [(k, item) for k, item in self._inbox if k not in ("call", "reserve")]
-        for item in calls:
-            future = item[-1]
+            pending = [item for kind, item in self._inbox if kind == "reserve"]
+            self._inbox = [(k, item) for k, item in self._inbox if k != "reserve"]
+        for _, _, future in pending:
             if future.set_running_or_notify_cancel():
                 future.set_exception(exc)
 
@@ -770,8 +760,7 @@ class LLMEngine:
         with self._inbox_lock:
             inbox, self._inbox = self._inbox, []
         if isinstance(self.lockstep, StepLeader):
-            # Calls run on the leader alone: under tensor parallelism they leave pages alone.
-            shared = [(kind, self._mirror(kind, item)) for kind, item in inbox if kind != "call"]
+            shared = [(kind, self._mirror(kind, item)) for kind, item in inbox]
             self.lockstep.publish_inputs(StepInputs(digest, shared))
         return inbox
 
@@ -837,13 +826,6 @@ class LLMEngine:
                 else:
                     if reply is not None and reply.set_running_or_notify_cancel():
                         reply.set_result(reserved)
-            elif kind == "call":
-                fn, future = item
-                if future.set_running_or_notify_cancel():  # False: its caller gave up
-                    try:
-                        future.set_result(fn())
-                    except Exception as exc:  # the caller's to handle, not the engine's
-                        future.set_exception(exc)
             else:
                 reservation = self._reservations.pop(item, None)
                 if reservation is not None:

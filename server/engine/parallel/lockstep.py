@@ -225,7 +225,6 @@ class DPAttentionPacer:
     def __init__(self, group: Any, poll_s: float = DP_POLL_S) -> None:
         self.group = group
         self.poll_s = poll_s
-        self.idle_steps = 0  # steps this rank joined only for its peers
 
     def next_step(
         self, has_work: Callable[[], bool], wakeup: threading.Event, stopping: Callable[[], bool]
@@ -234,11 +233,9 @@ class DPAttentionPacer:
             wakeup.clear()
             if not has_work() and not stopping():
                 wakeup.wait(self.poll_s)
-            mine = has_work()
-            flags = torch.tensor([int(mine), int(not stopping())])
+            flags = torch.tensor([int(has_work()), int(not stopping())])
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
             if flags[0]:
-                self.idle_steps += not mine
                 return True
             if not flags[1]:
                 return False
